@@ -1,0 +1,31 @@
+// Schemas of the fused ops, one place for all of them. Each op has a CPU kernel in
+// csrc/cpu/<op>.cpp and a CUDA kernel in csrc/cuda/<op>.cu registered under the same
+// name; gpt.py holds the pure-torch reference of each, with its fake (shape) function
+// and autograd formula beside it.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing the built module as `gpt_ext` loads this library, which registers the ops.
+extern "C" PyObject* PyInit_gpt_ext(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "gpt_ext", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(gpt, m) {
+  // Causal softmax attention, flash-style. q, k, v: (B, H, T, D) float32 contiguous.
+  // out = dropout(softmax(q k^T / sqrt(D) + causal mask)) v; lse: (B, H, T) row log-sum-exp
+  // of the scaled scores (before dropout). The dropout mask is a hash of (seed, position),
+  // regenerated in backward, never stored.
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  // Cross-entropy per row of logits (N, V) float32 with int64 targets (N,); rows whose
+  // target is -100 are ignored (loss 0). Returns the (N,) row losses.
+  m.def("cross_entropy_loss(Tensor logits, Tensor targets) -> Tensor");
+  // Same, and in the same pass overwrites logits with grad_scale * (softmax - onehot)
+  // (zero rows for ignored targets), as llm.c's fused classifier does.
+  m.def("cross_entropy_loss_grad_(Tensor(a!) logits, Tensor targets, float grad_scale) -> Tensor");
+  // One next token per row of logits (B, V) float32: top-k, temperature, top-p, then an
+  // inverse-CDF draw with uniform (B,) float64. Returns (B,) int64.
+  m.def("sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) -> Tensor");
+}

@@ -1,0 +1,50 @@
+"""Builds gpt_ext, the fused kernels of gpt.py: `pip install --no-build-isolation -e .`
+
+The CPU kernels always build; the CUDA kernels build when torch has CUDA and a toolkit is
+found (CUDA_HOME). gpt.py JIT-builds the same sources with the same flags (ext_kwargs)
+when the prebuilt module is missing.
+"""
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# -O3 and OpenMP SIMD for the CPU loops; the ISA-specific paths (AVX2/AVX-512) are picked at
+# run time by target_clones in the kernels, so the build never assumes the build machine's CPU.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
+
+
+def ext_kwargs(with_cuda):
+    """Sources and flags of gpt_ext, shared by setup() and gpt.py's JIT build."""
+    sources = [os.path.join(ROOT, "csrc", "ops.cpp")]
+    sources += sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    extra = {"cxx": list(CXX_FLAGS)}
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        extra["nvcc"] = list(NVCC_FLAGS)
+    return {"sources": sources, "extra_compile_args": extra}
+
+
+def cuda_wanted():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and os.getenv("GPT_BUILD_CUDA", "1") != "0"
+
+
+if __name__ == "__main__":
+    from setuptools import setup
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = cuda_wanted()
+    if with_cuda:
+        # With no GPU visible torch cannot guess the architectures: build Ampere and Hopper.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    kwargs = ext_kwargs(with_cuda)
+    kwargs["sources"] = [os.path.relpath(s, ROOT) for s in kwargs["sources"]]
+    Extension = CUDAExtension if with_cuda else CppExtension
+    setup(
+        ext_modules=[Extension("gpt_ext", **kwargs)],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
