@@ -1,0 +1,203 @@
+// Fused softmax cross-entropy on the CPU (llm.c's fused classifier).
+// logits (N, V) float32 row-major, targets (N,) int64 with -100 = ignored.
+//   loss_i = logsumexp(logits_i) - logits_i[target_i]          (0 for ignored rows)
+//   grad_i = grad_scale * (softmax(logits_i) - onehot(target_i))  (0 for ignored rows)
+// Per row: one read pass for the sum of exp (online softmax, block by block, each element read
+// and exp'd once); the _grad_ op stores those exponentials over the row in the same pass, then
+// scales them into the gradient while the row is still in L2. Nothing N x V is allocated.
+// Rows are spread over threads with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Floats per online-softmax block (8 KiB, in L1 when a block must be redone).
+constexpr int64_t kBlock = 2048;
+
+// exp(x) for x <= 88 (callers pass x - max <= 0), Cephes expf: x = n ln2 + r with |r| <= ln2/2,
+// exp(r) by a degree-7 polynomial, 2^n through the exponent bits. About 1 ulp; 0 below -87.3
+// (no denormals); NaN stays NaN. Branch-free so `omp simd` loops vectorize it (glibc's expf
+// does not, without -ffast-math).
+static inline float exp_approx(float x) {
+  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN, so 2^n below stays a normal float
+  const float xc = x < lo ? lo : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  int32_t ni;
+  std::memcpy(&ni, &t, sizeof(ni));
+  ni -= 0x4B400000;  // the integer n, from the low mantissa bits of t
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for accuracy
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? 0.0f : y * scale;
+}
+
+// Exponent headroom of the block sums: a block is summed as exp(x - ref) with ref the running
+// reference, which only moves up when a block max exceeds it by more than this (exp(40) * kBlock
+// is far from float overflow). So each element is read once, and exp'd once.
+constexpr float kHeadroom = 40.0f;
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static float block_max(const float* x, int64_t n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// One block, one read: its max (bm), and sum of e_j = exp(x_j - ref), stored to e when e != null.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void block_exp_sum(const float* x, int64_t n, float ref, float* e, float* bm_out, float* bs_out) {
+  float bm = kNegInf, bs = 0.0f;
+  if (e != nullptr) {
+#pragma omp simd reduction(max : bm) reduction(+ : bs)
+    for (int64_t j = 0; j < n; j++) {
+      bm = x[j] > bm ? x[j] : bm;
+      const float v = exp_approx(x[j] - ref);
+      e[j] = v;
+      bs += v;
+    }
+  } else {
+#pragma omp simd reduction(max : bm) reduction(+ : bs)
+    for (int64_t j = 0; j < n; j++) {
+      bm = x[j] > bm ? x[j] : bm;
+      bs += exp_approx(x[j] - ref);
+    }
+  }
+  *bm_out = bm;
+  *bs_out = bs;
+}
+
+// Online softmax statistics of a row, block by block: returns ref and s = sum_j exp(x_j - ref)
+// (so logsumexp = ref + log s). When e != null the row's e_j = exp(x_j - ref_b) are written over
+// it (e may alias x) and refs[b] keeps each block's reference ref_b, for the gradient pass.
+static void row_softmax_stats(const float* x, int64_t V, float* e, float* refs, float* ref_out, double* s_out) {
+  float ref = block_max(x, std::min(kBlock, V));  // so that the first block is not redone
+  double s = 0.0;
+  for (int64_t b = 0, i = 0; b < V; b += kBlock, i++) {
+    const int64_t n = std::min(kBlock, V - b);
+    float* eb = e != nullptr ? e + b : nullptr;
+    float bm, bs;
+    block_exp_sum(x + b, n, ref, eb, &bm, &bs);
+    if (bm > ref + kHeadroom) {  // the max jumped (or ref was -inf): rebase on this block's max
+      s *= std::exp(static_cast<double>(ref) - bm);
+      ref = bm;
+      block_exp_sum(x + b, n, ref, eb, &bm, &bs);
+    } else if (ref == kNegInf) {  // all -inf so far: the block adds 0 (-inf - -inf gave NaN)
+      bs = 0.0f;
+      if (eb != nullptr) std::fill(eb, eb + n, 0.0f);
+    }
+    s += bs;
+    if (refs != nullptr) refs[i] = ref;
+  }
+  *ref_out = ref;
+  *s_out = s;
+}
+
+// e <- c * e over a block: the softmax scaled by grad_scale, from the stored exponentials.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void block_scale(float* e, int64_t n, float c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; j++) e[j] *= c;
+}
+
+// Checks shapes and every target before anything is written (the _grad_ op mutates its input).
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
+  TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), op, ": expects CPU tensors");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
+              ": logits must be a contiguous (N, V) float32 tensor, got ", logits.sizes(), " ",
+              logits.scalar_type());
+  TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0), op,
+              ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
+              targets.scalar_type());
+  const at::Tensor t = targets.contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  for (int64_t i = 0; i < N; i++) {
+    TORCH_CHECK(tp[i] == -100 || (tp[i] >= 0 && tp[i] < V), op, ": target ", tp[i], " of row ", i,
+                " is outside [0, ", V, ") and is not the ignore index -100");
+  }
+}
+
+// Rows per parallel task: about 64K floats of work each, so tiny rows are not one task apiece.
+int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
+at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets) {
+  check_inputs(logits, targets, "cross_entropy_loss");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options());
+  const at::Tensor t = targets.contiguous();
+  const float* x = logits.data_ptr<float>();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  float* lp = loss.data_ptr<float>();
+  at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {
+      if (tp[i] == -100) {
+        lp[i] = 0.0f;
+        continue;
+      }
+      const float* row = x + i * V;
+      float ref;
+      double s;
+      row_softmax_stats(row, V, nullptr, nullptr, &ref, &s);
+      lp[i] = static_cast<float>(ref + std::log(s) - row[tp[i]]);
+    }
+  });
+  return loss;
+}
+
+at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale) {
+  check_inputs(logits, targets, "cross_entropy_loss_grad_");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options());
+  const at::Tensor t = targets.contiguous();
+  float* x = logits.data_ptr<float>();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  float* lp = loss.data_ptr<float>();
+  at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<float> refs(static_cast<size_t>((V + kBlock - 1) / kBlock));
+    for (int64_t i = begin; i < end; i++) {
+      float* row = x + i * V;
+      if (tp[i] == -100) {
+        lp[i] = 0.0f;
+        std::fill(row, row + V, 0.0f);
+        continue;
+      }
+      const float xt = row[tp[i]];  // read before the row is overwritten
+      float ref;
+      double s;
+      row_softmax_stats(row, V, row, refs.data(), &ref, &s);  // row <- exp(x - ref_b)
+      lp[i] = static_cast<float>(ref + std::log(s) - xt);
+      // Second pass, over the row still in L2: grad = grad_scale * exp(x - ref_b) * exp(ref_b - ref) / s.
+      for (int64_t b = 0, k = 0; b < V; b += kBlock, k++)
+        block_scale(row + b, std::min(kBlock, V - b), static_cast<float>(grad_scale / s * std::exp(static_cast<double>(refs[k]) - ref)));
+      row[tp[i]] -= static_cast<float>(grad_scale);
+    }
+  });
+  return loss;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpt, CPU, m) {
+  m.impl("cross_entropy_loss", &cross_entropy_loss_cpu);
+  m.impl("cross_entropy_loss_grad_", &cross_entropy_loss_grad_cpu);
+}

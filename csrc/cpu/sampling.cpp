@@ -1,0 +1,327 @@
+// Next-token sampling on the CPU: one token per row of logits (B, V) float32 row-major, with
+// uniform (B,) float64 in [0, 1); returns (B,) int64. The semantics are gpt.sample_reference's:
+//   temperature 0 -> first index of the max; top-k keeps every logit >= the k-th largest (ties
+//   kept); p_i = exp((x_i - max) / T) over the kept; top-p keeps the fewest most probable whose
+//   mass reaches top_p * sum, plus ties of the last; draw = smallest kept index whose running
+//   sum (index order, double) exceeds uniform * sum(kept p).
+// No sort of the row: top-k is one streaming pass that keeps a small buffer of candidates (the
+// values >= the k-th largest seen so far); top-p alone is a vectorized exp over the row and a
+// radix select of the nucleus threshold on the float bits of p. Rows go to threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Floats per block of the streaming scans: one vectorized test per block, scalar work only in
+// the rare blocks that hold a candidate.
+constexpr int64_t kScanBlock = 64;
+constexpr int64_t kSumBlock = 512;  // floats per partial sum of the draw
+
+// exp(x) for x <= 88 (callers pass (x - max) / T <= 0), Cephes expf: x = n ln2 + r, exp(r) by a
+// polynomial, 2^n through the exponent bits. About 1 ulp; 0 below -87.3; NaN stays NaN.
+// Branch-free so `omp simd` loops vectorize it.
+static inline float exp_approx(float x) {
+  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN
+  const float xc = x < lo ? lo : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  int32_t ni;
+  std::memcpy(&ni, &t, sizeof(ni));
+  ni -= 0x4B400000;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? 0.0f : y * scale;
+}
+
+static inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// Row max, NaN ignored.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static float row_max(const float* x, int64_t V) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < V; j++) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// First index of the row max (torch.argmax): block maxima in one pass, remembering the first
+// block where the max grew, then a scalar search of that block.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static int64_t row_argmax(const float* x, int64_t V) {
+  float m = kNegInf;
+  int64_t at = 0;
+  for (int64_t b = 0; b < V; b += kScanBlock) {
+    const int64_t n = std::min(kScanBlock, V - b);
+    float bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = 0; j < n; j++) bm = x[b + j] > bm ? x[b + j] : bm;
+    if (bm > m) {
+      m = bm;
+      at = b;
+    }
+  }
+  for (int64_t j = at; j < V; j++)
+    if (x[j] == m) return j;
+  return 0;  // an all-NaN row (gpt._sample screens NaN first)
+}
+
+// Candidates of top-k: appends (index, value) of every x_j >= the k-th largest value of the row,
+// in index order. One streaming pass: thr is the k-th largest of the candidates so far (a lower
+// bound of the row's k-th largest), raised whenever the buffer fills; a block is looked at
+// element by element only when its max reaches thr.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void topk_candidates(const float* x, int64_t V, int64_t k, std::vector<int32_t>& ci, std::vector<float>& cv,
+                            std::vector<float>& tmp) {
+  ci.clear();
+  cv.clear();
+  float thr = kNegInf;
+  size_t cap = static_cast<size_t>(std::max<int64_t>(4 * k, 512));
+  // Keeps the candidates >= the k-th largest among them (order kept); returns that value.
+  auto compact = [&]() {
+    float kth = kNegInf;
+    if (cv.size() >= static_cast<size_t>(k)) {
+      tmp.assign(cv.begin(), cv.end());
+      std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+      kth = tmp[k - 1];
+    }
+    size_t w = 0;
+    for (size_t r = 0; r < cv.size(); r++) {
+      if (cv[r] >= kth) {
+        cv[w] = cv[r];
+        ci[w] = ci[r];
+        w++;
+      }
+    }
+    cv.resize(w);
+    ci.resize(w);
+    return kth;
+  };
+  for (int64_t b = 0; b < V; b += kScanBlock) {
+    const int64_t n = std::min(kScanBlock, V - b);
+    const float* xb = x + b;
+    float bm = kNegInf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = 0; j < n; j++) bm = xb[j] > bm ? xb[j] : bm;
+    if (!(bm >= thr)) continue;
+    for (int64_t j = 0; j < n; j++) {
+      if (xb[j] >= thr) {
+        cv.push_back(xb[j]);
+        ci.push_back(static_cast<int32_t>(b + j));
+        if (cv.size() >= cap) {
+          thr = compact();
+          if (cv.size() > cap / 2) cap *= 2;  // many ties at thr: let the buffer grow
+        }
+      }
+    }
+  }
+  compact();
+}
+
+// Nucleus threshold: the largest value t among p[0..n) (non-negative floats) whose mass
+// sum_{p_i >= t} p_i reaches target, i.e. the m-th largest p of the reference. A radix select
+// on the float bits (non-negative floats order like their bits), 11 + 11 + 9 bits, with the
+// mass of each bucket in double; after the first level only the chosen bucket is kept.
+static float nucleus_threshold(const float* p, int64_t n, double target, std::vector<float>& sub) {
+  static constexpr int kShift[3] = {20, 9, 0};
+  static constexpr int kWidth[3] = {11, 11, 9};
+  double mass[2048];
+  int32_t count[2048];
+  double above = 0.0;  // mass of the buckets above the current one
+  uint32_t prefix = 0;
+  const float* cur = p;
+  int64_t cn = n;
+  for (int level = 0; level < 3; level++) {
+    const int nb = 1 << kWidth[level], shift = kShift[level];
+    std::fill(mass, mass + nb, 0.0);
+    std::fill(count, count + nb, 0);
+    for (int64_t i = 0; i < cn; i++) {
+      const uint32_t bkt = (float_bits(cur[i]) >> shift) & (nb - 1);
+      mass[bkt] += cur[i];
+      count[bkt]++;
+    }
+    int sel = -1, lowest = 0;
+    for (int bkt = nb - 1; bkt >= 0; bkt--) {
+      if (count[bkt] == 0) continue;
+      lowest = bkt;
+      if (above + mass[bkt] >= target) {
+        sel = bkt;
+        break;
+      }
+      above += mass[bkt];
+    }
+    if (sel < 0) {  // rounding left the target unreached: keep everything, as the reference's clamp
+      sel = lowest;
+      above -= mass[sel];
+    }
+    prefix = (prefix << kWidth[level]) | static_cast<uint32_t>(sel);
+    if (level == 2) break;
+    // Keep the chosen bucket's values for the next level (in place after the first level).
+    if (level == 0) sub.resize(static_cast<size_t>(cn));
+    int64_t w = 0;
+    for (int64_t i = 0; i < cn; i++)
+      if (((float_bits(cur[i]) >> shift) & (nb - 1)) == static_cast<uint32_t>(sel)) sub[w++] = cur[i];
+    cur = sub.data();
+    cn = w;
+  }
+  float t;
+  std::memcpy(&t, &prefix, sizeof(t));
+  return t;
+}
+
+// p_j = exp((x_j - m) / T) over a row.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void row_probs(const float* x, int64_t V, float m, float T, float* p) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; j++) p[j] = exp_approx((x[j] - m) / T);
+}
+
+// Sums in double of the kept p (p >= t) per block of kSumBlock floats, vectorized.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static double block_sums(const float* p, int64_t V, float t, double* sums) {
+  double total = 0.0;
+  for (int64_t b = 0, i = 0; b < V; b += kSumBlock, i++) {
+    const int64_t n = std::min(kSumBlock, V - b);
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; j++) s += p[b + j] >= t ? static_cast<double>(p[b + j]) : 0.0;
+    sums[i] = s;
+    total += s;
+  }
+  return total;
+}
+
+// Inverse-CDF draw over a whole row of p, keeping p >= t: skips whole blocks by their sums, then
+// runs the sum element by element in the block where it crosses u * total.
+static int64_t draw_row(const float* p, int64_t V, float t, double u, std::vector<double>& sums) {
+  sums.resize(static_cast<size_t>((V + kSumBlock - 1) / kSumBlock));
+  const double target = u * block_sums(p, V, t, sums.data());
+  double run = 0.0;
+  for (int64_t b = 0, i = 0; b < V; b += kSumBlock, i++) {
+    if (run + sums[i] <= target) {
+      run += sums[i];
+      continue;
+    }
+    const int64_t n = std::min(kSumBlock, V - b);
+    for (int64_t j = b; j < b + n; j++) {
+      if (p[j] >= t && p[j] > 0.0f) {
+        run += p[j];
+        if (run > target) return j;
+      }
+    }
+  }
+  for (int64_t j = V - 1; j >= 0; j--)  // rounding left none: the last kept index
+    if (p[j] >= t && p[j] > 0.0f) return j;
+  return V - 1;
+}
+
+struct Scratch {
+  std::vector<int32_t> ci;
+  std::vector<float> cv, cp, tmp, p, sub;
+  std::vector<double> sums;
+};
+
+int64_t sample_row(const float* x, int64_t V, double u, float T, int64_t top_k, double top_p, Scratch& s) {
+  if (T == 0.0f) return row_argmax(x, V);
+  if (top_k > 0 && top_k < V) {
+    // Few candidates: exact reference arithmetic on them (sorted-order mass, index-order draw).
+    topk_candidates(x, V, top_k, s.ci, s.cv, s.tmp);
+    const size_t n = s.cv.size();
+    const float m = *std::max_element(s.cv.begin(), s.cv.end());
+    s.cp.resize(n);
+    for (size_t j = 0; j < n; j++) s.cp[j] = std::exp((s.cv[j] - m) / T);
+    float t = 0.0f;
+    if (top_p < 1.0) {
+      s.tmp.assign(s.cp.begin(), s.cp.end());
+      std::sort(s.tmp.begin(), s.tmp.end(), std::greater<float>());
+      double total = 0.0;
+      for (float v : s.tmp) total += v;
+      const double target = top_p * total;
+      double mass = 0.0;
+      t = s.tmp.back();
+      for (float v : s.tmp) {
+        mass += v;
+        if (mass >= target) {
+          t = v;
+          break;
+        }
+      }
+    }
+    double total = 0.0;
+    for (size_t j = 0; j < n; j++)
+      if (s.cp[j] >= t) total += s.cp[j];
+    const double target = u * total;
+    double run = 0.0;
+    int64_t last = V - 1;
+    for (size_t j = 0; j < n; j++) {
+      if (s.cp[j] >= t && s.cp[j] > 0.0f) {
+        run += s.cp[j];
+        last = s.ci[j];
+        if (run > target) return s.ci[j];
+      }
+    }
+    return last;
+  }
+  // No top-k: p over the whole row, the nucleus threshold by radix select, then the draw.
+  s.p.resize(static_cast<size_t>(V));
+  row_probs(x, V, row_max(x, V), T, s.p.data());
+  float t = 0.0f;
+  if (top_p < 1.0) {
+    double total = 0.0;
+    for (int64_t j = 0; j < V; j++) total += s.p[j];  // TODO vectorize? (only B x V adds)
+    t = nucleus_threshold(s.p.data(), V, top_p * total, s.sub);
+  }
+  return draw_row(s.p.data(), V, t, u, s.sums);
+}
+
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniform, double temperature, int64_t top_k,
+                      double top_p) {
+  TORCH_CHECK(logits.device().is_cpu() && uniform.device().is_cpu(), "sample: expects CPU tensors");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "sample: logits must be a contiguous (B, V) float32 tensor, got ", logits.sizes(), " ",
+              logits.scalar_type());
+  TORCH_CHECK(uniform.dim() == 1 && uniform.scalar_type() == at::kDouble && uniform.size(0) == logits.size(0),
+              "sample: uniform must be a float64 (B,) tensor with B = ", logits.size(0), ", got ", uniform.sizes(),
+              " ", uniform.scalar_type());
+  TORCH_CHECK(temperature >= 0.0, "sample: temperature must be >= 0, got ", temperature);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1 || B == 0, "sample: empty vocabulary");
+  TORCH_CHECK(V <= std::numeric_limits<int32_t>::max(), "sample: vocabulary too large");
+  at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
+  const at::Tensor u = uniform.contiguous();
+  const float* x = logits.data_ptr<float>();
+  const double* up = u.data_ptr<double>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const float T = static_cast<float>(temperature);  // the reference divides float32 by float32(T)
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    Scratch s;
+    for (int64_t r = begin; r < end; r++) op[r] = sample_row(x + r * V, V, up[r], T, top_k, top_p, s);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpt, CPU, m) { m.impl("sample", &sample_cpu); }

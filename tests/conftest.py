@@ -1,0 +1,33 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gpt  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def ext():
+    """Runs a test on the gpt_ext kernels; fails (never skips) when they do not load."""
+    why = gpt.load_extension()
+    if why is not None:
+        pytest.fail(f"gpt_ext did not load: {why}")
+    previous = gpt.BACKEND
+    gpt.BACKEND = "ext"
+    yield
+    gpt.BACKEND = previous
+
+
+@pytest.fixture
+def torch_backend():
+    previous = gpt.BACKEND
+    gpt.BACKEND = "torch"
+    yield
+    gpt.BACKEND = previous
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
