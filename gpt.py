@@ -9,6 +9,7 @@ fused kernels, model, loss, training loop, sampling, GPT-2 weights, command line
 """
 import argparse
 import codecs
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -115,7 +116,7 @@ def markdown_play_to_text(markdown):
                 out.append(speaker.group(1).strip() + ":")
                 continue
             line = re.sub(r"_*\\\[[^\]]*\]_*", "", line)  # inline directions like [Aside]
-            line = re.sub(r"[_*\\]", "", line).strip()
+            line = re.sub(r" {2,}", " ", re.sub(r"[_*\\]", "", line)).strip()
             if line:
                 out.append(line)
         if out:
@@ -217,14 +218,17 @@ class TokenWindows:
     """The book's GPTDatasetV1 over a token array: input windows of block_size tokens starting
     every `stride` tokens, targets shifted by one; batches in a seeded shuffled order per epoch."""
 
-    def __init__(self, tokens, block_size, stride, batch_size, shuffle=True, drop_last=True, seed=0):
+    def __init__(self, tokens, block_size, stride, batch_size, shuffle=True, drop_last=True, seed=0,
+                 rank=0, world_size=1):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world_size = rank, world_size  # data-parallel: this rank's share of the batches
         self.starts = np.arange(0, len(tokens) - block_size, stride)
 
     def __len__(self):
+        """Batches per epoch for this rank."""
         n = len(self.starts)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return (n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)) // self.world_size
 
     def batch_order(self, epoch):
         if not self.shuffle:
@@ -241,7 +245,8 @@ class TokenWindows:
         """Yields the batches of one epoch from batch index start_batch (for an exact resume)."""
         order = self.batch_order(epoch)
         for i in range(start_batch, len(self)):
-            yield self.batch(order[i * self.batch_size: (i + 1) * self.batch_size])
+            b = i * self.world_size + self.rank  # ranks take disjoint batches of the same order
+            yield self.batch(order[b * self.batch_size: (b + 1) * self.batch_size])
 
 
 # ----------------------------------------------------------------------------
@@ -268,7 +273,9 @@ def load_extension():
             spec = importlib.util.spec_from_file_location("gpt_setup", os.path.join(ROOT, "setup.py"))
             setup_module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(setup_module)
-            load(name="gpt_ext", is_python_module=False, **setup_module.ext_kwargs(setup_module.cuda_wanted()))
+            kw = setup_module.ext_kwargs(setup_module.cuda_wanted())
+            load(name="gpt_ext", sources=kw["sources"], extra_cflags=kw["extra_compile_args"]["cxx"],
+                 extra_cuda_cflags=kw["extra_compile_args"].get("nvcc"), is_python_module=False)
         except Exception as e:  # a missing compiler, a failed build: fall back, and say why
             return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     _register_attention()
@@ -666,7 +673,9 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+        # the fused kernel (one pass over all parameters) where torch has it for this device
+        fused = device_type in ("cpu", "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 
 # ----------------------------------------------------------------------------
@@ -726,6 +735,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
+    skip_nonfinite: bool = False  # skip a batch whose loss or gradient is inf/NaN instead of stopping
     # evaluation and checkpoints
     eval_interval: int = 100
     eval_iters: int = 20
@@ -851,11 +861,29 @@ def model_from_checkpoint(state):
 
 # --- the loop ------------------------------------------------------------------
 
+def init_distributed(device):
+    """Under torchrun (RANK and WORLD_SIZE set): joins the process group, gloo on CPU and NCCL on
+    GPU, one GPU per process. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
 def train(cfg):
-    """Trains per cfg (a TrainConfig); returns the history of evaluations."""
+    """Trains per cfg (a TrainConfig); returns the history of evaluations. Under torchrun, runs
+    data-parallel: each rank takes every world_size-th batch, rank 0 alone prints and saves."""
     validate_train_config(cfg)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    rank, world, device = init_distributed(pick_device(cfg.device))
+    master = rank == 0
+    say = print if master else (lambda *args, **kw: None)
     backend = use_backend(cfg.backend)
     out_dir = cfg.out_dir
     try:
@@ -870,7 +898,7 @@ def train(cfg):
         path, state = latest_good_checkpoint(out_dir)
         if state is None:
             raise GPTError(f"--resume: no readable checkpoint in {out_dir}: train without --resume first")
-        print(f"resuming from {path} (step {state['step']})")
+        say(f"resuming from {path} (step {state['step']})")
         model = model_from_checkpoint(state)
     elif cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from, **{k: v for k, v in (("dropout", cfg.dropout),) if v is not None})
@@ -884,7 +912,8 @@ def train(cfg):
     tokens = load_tokens(cfg.data)
     train_tokens, val_tokens = split_tokens(tokens, mcfg.block_size, cfg.val_fraction)
     stride = cfg.stride or mcfg.block_size
-    train_loader = TokenWindows(train_tokens, mcfg.block_size, stride, cfg.batch_size, seed=cfg.seed)
+    train_loader = TokenWindows(train_tokens, mcfg.block_size, stride, cfg.batch_size, seed=cfg.seed,
+                                rank=rank, world_size=world)
     val_loader = TokenWindows(val_tokens, mcfg.block_size, mcfg.block_size, cfg.batch_size,
                               shuffle=False, drop_last=False)
     if len(train_loader) < cfg.grad_accum:
@@ -893,7 +922,7 @@ def train(cfg):
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
 
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.split(":")[0])
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[cfg.dtype],
                               enabled=cfg.dtype != "float32")
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")
@@ -908,14 +937,21 @@ def train(cfg):
         torch.set_rng_state(state["rng"]["torch"])
         if device.startswith("cuda") and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+    if rank > 0:  # its own dropout masks
+        torch.manual_seed(cfg.seed + 7919 * rank + step)
     run_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run_model = DistributedDataParallel(run_model)
     tokenizer = get_tokenizer()
     start_ids = text_to_token_ids(cfg.start, tokenizer).to(device)
 
-    print(f"model: {model.num_params():,} parameters ({cfg.preset if not cfg.init_from else cfg.init_from}, "
+    say(f"model: {model.num_params():,} parameters ({cfg.preset if not cfg.init_from else cfg.init_from}, "
           f"{mcfg.n_layer} layers, {mcfg.n_embd} wide, context {mcfg.block_size}) | kernels: {backend} | "
           f"device: {device} | {len(tokens):,} tokens: {len(train_loader.starts):,} train windows, "
-          f"{len(val_loader.starts):,} val windows | {total_steps} steps")
+          f"{len(val_loader.starts):,} val windows | {total_steps} steps"
+          + (f" | {world} processes" if world > 1 else ""))
 
     def checkpoint_state():
         rng = {"torch": torch.get_rng_state()}
@@ -927,6 +963,8 @@ def train(cfg):
                 "history": history, "best_val": best_val, "evals_since_best": evals_since_best, "rng": rng}
 
     def save(state_dict):
+        if not master:
+            return
         path = os.path.join(out_dir, f"ckpt-{step:08d}.pt")
         save_checkpoint(path, state_dict)
         for old in checkpoints_in(out_dir)[2:]:  # keep the last two good ones
@@ -948,6 +986,8 @@ def train(cfg):
             history[key].append(value)
         improved = val_loss < best_val
         best_val, evals_since_best = (val_loss, 0) if improved else (best_val, evals_since_best + 1)
+        if not master:
+            return
         sample = token_ids_to_text(out[0], tokenizer).replace("\n", " | ")
         log(f"step {step:5d} | train loss {train_loss:.3f} (ppl {perplexity(train_loss):,.1f}) | "
             f"val loss {val_loss:.3f} (ppl {perplexity(val_loss):,.1f}) | tokens {tokens_seen:,}"
@@ -966,8 +1006,8 @@ def train(cfg):
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=None)
-    log = bar.write if not bar.disable else print
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=None if master else True)
+    log = bar.write if not bar.disable else say
     batches = None
     model.train()
     t0, tokens_t0 = time.time(), tokens_seen
@@ -978,24 +1018,36 @@ def train(cfg):
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 if batches is None or batch_in_epoch >= len(train_loader):
                     if batches is not None:
                         epoch, batch_in_epoch = epoch + 1, 0
                     batches = train_loader.epoch(epoch, batch_in_epoch)
                 x, y = next(batches)
                 batch_in_epoch += 1
-                with autocast:
+                # DDP all-reduces gradients on the last micro-step only
+                no_sync = run_model.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+                with autocast, no_sync:
                     loss = calc_loss_batch(x, y, run_model, device) / cfg.grad_accum
-                scaler.scale(loss).backward()
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item()
-                tokens_seen += x.numel()
-            if not math.isfinite(loss_sum):
-                raise GPTError(f"the loss became {loss_sum} at step {step}: lower --lr or use --dtype float32; "
-                               f"the last good checkpoint is in {out_dir}")
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                tokens_seen += x.numel() * world
+            if world > 1:  # every rank must take the same decisions below
+                shared = torch.tensor([loss_sum / world, float(stop["signal"] is not None)], device=device)
+                torch.distributed.all_reduce(shared)
+                loss_sum = shared[0].item()
+                if shared[1].item() > 0 and stop["signal"] is None:
+                    stop["signal"] = signal.SIGTERM
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)) and cfg.dtype != "float16":
+                # (float16's grad scaler skips such steps itself)
+                if not cfg.skip_nonfinite:
+                    raise GPTError(f"non-finite loss {loss_sum} or gradient norm {float(grad_norm)} at step {step}: "
+                                   f"lower --lr, or pass --skip_nonfinite; the last good checkpoint is in {out_dir}")
+                log(f"step {step}: non-finite loss or gradient, batch skipped")
+                optimizer.zero_grad(set_to_none=True)
+                continue
             scaler.step(optimizer)
             scaler.update()
             step += 1
@@ -1014,8 +1066,10 @@ def train(cfg):
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        if world > 1:
+            torch.distributed.destroy_process_group()
     elapsed = time.time() - t0
-    print(f"done: {step} steps, {tokens_seen - tokens_t0:,} tokens in {elapsed:.0f}s "
+    log(f"done: {step} steps, {tokens_seen - tokens_t0:,} tokens in {elapsed:.0f}s "
           f"({(tokens_seen - tokens_t0) / max(elapsed, 1e-9):,.0f} tokens/s); best val loss {best_val:.3f} "
           f"(ppl {perplexity(best_val):,.1f}); checkpoints and losses.png in {out_dir}")
     return history

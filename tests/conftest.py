@@ -31,3 +31,22 @@ def torch_backend():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache(tmp_path_factory):
+    # tokenized corpora go to a per-session folder (subprocesses inherit it), not ~/.cache
+    os.environ["GPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("token_cache"))
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text():
+    """~40 KB of the shipped corpus, for short training runs."""
+    return gpt.shakespeare_documents()[0][1][:40_000]
+
+
+@pytest.fixture
+def text_file(tmp_path, shakespeare_text):
+    path = tmp_path / "play.txt"
+    path.write_text(shakespeare_text, encoding="utf-8")
+    return str(path)

@@ -3,8 +3,8 @@
 //   loss_i = logsumexp(logits_i) - logits_i[target_i]          (0 for ignored rows)
 //   grad_i = grad_scale * (softmax(logits_i) - onehot(target_i))  (0 for ignored rows)
 // Per row: one read pass for the sum of exp (online softmax, block by block, each element read
-// and exp'd once); the _grad_ op stores those exponentials over the row in the same pass, then
-// scales them into the gradient while the row is still in L2. Nothing N x V is allocated.
+// and exp'd once); the _grad_ op keeps those exponentials in a per-thread row buffer, then
+// scales them into the gradient over the row while both are in L2. Nothing N x V is allocated.
 // Rows are spread over threads with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -55,6 +55,7 @@ static inline float exp_approx(float x) {
 // is far from float overflow). So each element is read once, and exp'd once.
 constexpr float kHeadroom = 40.0f;
 
+// Max of a block, NaN ignored.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static float block_max(const float* x, int64_t n) {
   float m = kNegInf;
@@ -87,8 +88,8 @@ static void block_exp_sum(const float* x, int64_t n, float ref, float* e, float*
 }
 
 // Online softmax statistics of a row, block by block: returns ref and s = sum_j exp(x_j - ref)
-// (so logsumexp = ref + log s). When e != null the row's e_j = exp(x_j - ref_b) are written over
-// it (e may alias x) and refs[b] keeps each block's reference ref_b, for the gradient pass.
+// (so logsumexp = ref + log s). When e != null it gets e_j = exp(x_j - ref_b), and refs[b] each
+// block's reference ref_b, for the gradient pass (e is a separate buffer, so a block can be redone).
 static void row_softmax_stats(const float* x, int64_t V, float* e, float* refs, float* ref_out, double* s_out) {
   float ref = block_max(x, std::min(kBlock, V));  // so that the first block is not redone
   double s = 0.0;
@@ -112,11 +113,11 @@ static void row_softmax_stats(const float* x, int64_t V, float* e, float* refs, 
   *s_out = s;
 }
 
-// e <- c * e over a block: the softmax scaled by grad_scale, from the stored exponentials.
+// g = c * e over a block: the softmax scaled by grad_scale, from the stored exponentials.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void block_scale(float* e, int64_t n, float c) {
+static void block_scale(const float* e, int64_t n, float c, float* g) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; j++) e[j] *= c;
+  for (int64_t j = 0; j < n; j++) g[j] = c * e[j];
 }
 
 // Checks shapes and every target before anything is written (the _grad_ op mutates its input).
@@ -173,7 +174,8 @@ at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& tar
   const int64_t* tp = t.data_ptr<int64_t>();
   float* lp = loss.data_ptr<float>();
   at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-    std::vector<float> refs(static_cast<size_t>((V + kBlock - 1) / kBlock));
+    // Per thread: the row's exponentials (in L2 with the row until the second pass) and block refs.
+    std::vector<float> e(static_cast<size_t>(V)), refs(static_cast<size_t>((V + kBlock - 1) / kBlock));
     for (int64_t i = begin; i < end; i++) {
       float* row = x + i * V;
       if (tp[i] == -100) {
@@ -184,11 +186,12 @@ at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& tar
       const float xt = row[tp[i]];  // read before the row is overwritten
       float ref;
       double s;
-      row_softmax_stats(row, V, row, refs.data(), &ref, &s);  // row <- exp(x - ref_b)
+      row_softmax_stats(row, V, e.data(), refs.data(), &ref, &s);
       lp[i] = static_cast<float>(ref + std::log(s) - xt);
       // Second pass, over the row still in L2: grad = grad_scale * exp(x - ref_b) * exp(ref_b - ref) / s.
       for (int64_t b = 0, k = 0; b < V; b += kBlock, k++)
-        block_scale(row + b, std::min(kBlock, V - b), static_cast<float>(grad_scale / s * std::exp(static_cast<double>(refs[k]) - ref)));
+        block_scale(e.data() + b, std::min(kBlock, V - b),
+                    static_cast<float>(grad_scale / s * std::exp(static_cast<double>(refs[k]) - ref)), row + b);
       row[tp[i]] -= static_cast<float>(grad_scale);
     }
   });

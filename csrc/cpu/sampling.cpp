@@ -89,16 +89,16 @@ static int64_t row_argmax(const float* x, int64_t V) {
 }
 
 // Candidates of top-k: appends (index, value) of every x_j >= the k-th largest value of the row,
-// in index order. One streaming pass: thr is the k-th largest of the candidates so far (a lower
-// bound of the row's k-th largest), raised whenever the buffer fills; a block is looked at
-// element by element only when its max reaches thr.
+// in index order. One streaming pass with a threshold thr that is never above the row's k-th
+// largest: it starts from a strided sample (see below) and is raised to the k-th largest of the
+// candidates whenever the buffer fills. A block is looked at element by element only when its
+// max reaches thr.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void topk_candidates(const float* x, int64_t V, int64_t k, std::vector<int32_t>& ci, std::vector<float>& cv,
-                            std::vector<float>& tmp) {
+static void topk_scan(const float* x, int64_t V, int64_t k, float thr, std::vector<int32_t>& ci,
+                      std::vector<float>& cv, std::vector<float>& tmp) {
   ci.clear();
   cv.clear();
-  float thr = kNegInf;
-  size_t cap = static_cast<size_t>(std::max<int64_t>(4 * k, 512));
+  size_t cap = static_cast<size_t>(std::max<int64_t>(8 * k, 512));
   // Keeps the candidates >= the k-th largest among them (order kept); returns that value.
   auto compact = [&]() {
     float kth = kNegInf;
@@ -131,13 +131,34 @@ static void topk_candidates(const float* x, int64_t V, int64_t k, std::vector<in
         cv.push_back(xb[j]);
         ci.push_back(static_cast<int32_t>(b + j));
         if (cv.size() >= cap) {
-          thr = compact();
+          thr = std::max(thr, compact());
           if (cv.size() > cap / 2) cap *= 2;  // many ties at thr: let the buffer grow
         }
       }
     }
   }
   compact();
+}
+
+// Starting threshold of the top-k scan: the r-th largest of every kStride-th logit, r chosen so
+// that ~4k logits of the row lie above it (fewer than k for ~0.2% of random rows, which are
+// redone). Without it the scan takes in thousands of candidates before its threshold catches up.
+static float topk_start(const float* x, int64_t V, int64_t k, std::vector<float>& tmp) {
+  constexpr int64_t kStride = 32;
+  const int64_t r = std::max<int64_t>(2, (4 * k + kStride - 1) / kStride), n = V / kStride;
+  if (n < 4 * r) return kNegInf;  // small rows: no sample
+  tmp.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; i++) tmp[i] = x[i * kStride];
+  std::nth_element(tmp.begin(), tmp.begin() + (r - 1), tmp.end(), std::greater<float>());
+  return tmp[r - 1];
+}
+
+static void topk_candidates(const float* x, int64_t V, int64_t k, std::vector<int32_t>& ci, std::vector<float>& cv,
+                            std::vector<float>& tmp) {
+  const float thr = topk_start(x, V, k, tmp);
+  topk_scan(x, V, k, thr, ci, cv, tmp);
+  // The sample's threshold was above the row's k-th largest (rare): fewer than k candidates. Redo.
+  if (thr != kNegInf && cv.size() < static_cast<size_t>(k)) topk_scan(x, V, k, kNegInf, ci, cv, tmp);
 }
 
 // Nucleus threshold: the largest value t among p[0..n) (non-negative floats) whose mass
@@ -191,11 +212,16 @@ static float nucleus_threshold(const float* p, int64_t n, double target, std::ve
   return t;
 }
 
-// p_j = exp((x_j - m) / T) over a row.
+// p_j = exp((x_j - m) / T) over a row; returns their sum (in double).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void row_probs(const float* x, int64_t V, float m, float T, float* p) {
-#pragma omp simd
-  for (int64_t j = 0; j < V; j++) p[j] = exp_approx((x[j] - m) / T);
+static double row_probs(const float* x, int64_t V, float m, float T, float* p) {
+  double total = 0.0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < V; j++) {
+    p[j] = exp_approx((x[j] - m) / T);  // a division, as the reference: bitwise the same argument
+    total += p[j];
+  }
+  return total;
 }
 
 // Sums in double of the kept p (p >= t) per block of kSumBlock floats, vectorized.
@@ -249,6 +275,7 @@ int64_t sample_row(const float* x, int64_t V, double u, float T, int64_t top_k, 
     // Few candidates: exact reference arithmetic on them (sorted-order mass, index-order draw).
     topk_candidates(x, V, top_k, s.ci, s.cv, s.tmp);
     const size_t n = s.cv.size();
+    if (n == 0) return 0;  // an all-NaN row (gpt._sample screens NaN first)
     const float m = *std::max_element(s.cv.begin(), s.cv.end());
     s.cp.resize(n);
     for (size_t j = 0; j < n; j++) s.cp[j] = std::exp((s.cv[j] - m) / T);
@@ -286,13 +313,8 @@ int64_t sample_row(const float* x, int64_t V, double u, float T, int64_t top_k, 
   }
   // No top-k: p over the whole row, the nucleus threshold by radix select, then the draw.
   s.p.resize(static_cast<size_t>(V));
-  row_probs(x, V, row_max(x, V), T, s.p.data());
-  float t = 0.0f;
-  if (top_p < 1.0) {
-    double total = 0.0;
-    for (int64_t j = 0; j < V; j++) total += s.p[j];  // TODO vectorize? (only B x V adds)
-    t = nucleus_threshold(s.p.data(), V, top_p * total, s.sub);
-  }
+  const double total = row_probs(x, V, row_max(x, V), T, s.p.data());
+  const float t = top_p < 1.0 ? nucleus_threshold(s.p.data(), V, top_p * total, s.sub) : 0.0f;
   return draw_row(s.p.data(), V, t, u, s.sums);
 }
 

@@ -1,0 +1,125 @@
+// Fused softmax cross-entropy on CUDA (llm.c's fused classifier), one block per row.
+// logits (N, V) float32 row-major, targets (N,) int64 with -100 = ignored.
+//   loss_i = logsumexp(logits_i) - logits_i[target_i]             (0 for ignored rows)
+//   grad_i = grad_scale * (softmax(logits_i) - onehot(target_i))  (0 for ignored rows)
+// Pass 1: each thread keeps an online (max, sum of exp) over its strided elements, merged across
+// the block. Pass 2 (the _grad_ op): each thread overwrites its elements with the gradient.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+namespace {
+
+constexpr int kThreads = 512;
+
+// Online softmax state: running max m and s = sum of exp(x - m).
+struct MaxSum {
+  float m;
+  float s;
+};
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.0f};  // both empty (or all -inf): avoid -inf - -inf
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+// Merges every thread's state; all threads get the result.
+__device__ MaxSum block_merge(MaxSum v) {
+  __shared__ MaxSum warp_states[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1)
+    v = merge(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+  if (lane == 0) warp_states[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? warp_states[lane] : MaxSum{-INFINITY, 0.0f};
+  for (int o = 16; o > 0; o >>= 1)
+    v = merge(v, {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
+  return v;
+}
+
+// One block per row: loss[row], and when write_grad the row's gradient over its logits.
+__global__ void cross_entropy_kernel(float* logits, const int64_t* targets, float* loss, int64_t V,
+                                     float grad_scale, bool write_grad) {
+  const int64_t row = blockIdx.x;
+  float* x = logits + row * V;
+  const int64_t t = targets[row];
+  if (t == -100) {  // the whole block takes this branch
+    if (write_grad)
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) x[j] = 0.0f;
+    if (threadIdx.x == 0) loss[row] = 0.0f;
+    return;
+  }
+  const float xt = x[t];  // read before any thread overwrites the row
+  MaxSum st{-INFINITY, 0.0f};
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float v = x[j];
+    if (v > st.m) {
+      st.s = st.s * __expf(st.m - v) + 1.0f;
+      st.m = v;
+    } else if (v != -INFINITY) {
+      st.s += __expf(v - st.m);
+    }
+  }
+  st = block_merge(st);
+  if (threadIdx.x == 0) loss[row] = st.m + logf(st.s) - xt;
+  if (!write_grad) return;
+  const float c = grad_scale / st.s;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float g = c * __expf(x[j] - st.m);
+    x[j] = j == t ? g - grad_scale : g;
+  }
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
+  TORCH_CHECK(logits.is_cuda() && targets.is_cuda() && logits.device() == targets.device(), op,
+              ": expects CUDA tensors on one device");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
+              ": logits must be a contiguous (N, V) float32 tensor, got ", logits.sizes(), " ",
+              logits.scalar_type());
+  TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0), op,
+              ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
+              targets.scalar_type());
+  const int64_t V = logits.size(1);
+  const at::Tensor bad = targets.ne(-100).logical_and(targets.lt(0).logical_or(targets.ge(V)));
+  if (bad.any().item<bool>()) {  // one sync, for a clear error instead of a device assert
+    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK(false, op, ": target ", targets[i].item<int64_t>(), " of row ", i, " is outside [0, ", V,
+                ") and is not the ignore index -100");
+  }
+}
+
+at::Tensor launch(at::Tensor& logits, const at::Tensor& targets, double grad_scale, bool write_grad,
+                  const char* op) {
+  check_inputs(logits, targets, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options());
+  if (N == 0) return loss;
+  const at::Tensor t = targets.contiguous();
+  cross_entropy_kernel<<<static_cast<unsigned>(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      logits.data_ptr<float>(), t.data_ptr<int64_t>(), loss.data_ptr<float>(), V, static_cast<float>(grad_scale),
+      write_grad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return loss;
+}
+
+at::Tensor cross_entropy_loss_cuda(const at::Tensor& logits, const at::Tensor& targets) {
+  at::Tensor x = logits;  // read only: write_grad is false
+  return launch(x, targets, 1.0, false, "cross_entropy_loss");
+}
+
+at::Tensor cross_entropy_loss_grad_cuda(at::Tensor& logits, const at::Tensor& targets, double grad_scale) {
+  return launch(logits, targets, grad_scale, true, "cross_entropy_loss_grad_");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpt, CUDA, m) {
+  m.impl("cross_entropy_loss", &cross_entropy_loss_cuda);
+  m.impl("cross_entropy_loss_grad_", &cross_entropy_loss_grad_cuda);
+}

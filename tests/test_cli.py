@@ -1,0 +1,102 @@
+"""The command line, run as a user runs it: subprocesses, exit codes, one-line errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+GPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpt.py")
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+        "--eval_iters", "1", "--device", "cpu"]
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, GPT, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shakespeare_text):
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "play.txt").write_text(shakespeare_text, encoding="utf-8")
+    out = folder / "out"
+    proc = run("train", "--data", folder / "play.txt", "--out_dir", out, "--max_iters", 3, "--eval_interval", 2, *TINY)
+    return folder, out, proc
+
+
+def test_train_prints_losses_perplexity_and_a_sample(trained):
+    _, out, proc = trained
+    assert "kernels:" in proc.stdout
+    assert proc.stdout.count("| val loss") == 2 and "ppl" in proc.stdout and "sample: ROMEO:" in proc.stdout
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt-00000001.pt", "ckpt-00000003.pt", "losses.png"]
+
+
+def test_eval_prints_loss_and_perplexity(trained):
+    folder, out, _ = trained
+    proc = run("eval", "--out_dir", out)
+    assert proc.stdout.startswith("loss ") and "perplexity" in proc.stdout and "validation split" in proc.stdout
+    proc = run("eval", "--out_dir", out, "--data", folder / "play.txt", "--eval_iters", 2)
+    assert "2 batches" in proc.stdout
+
+
+def test_sample_is_reproducible_with_a_seed(trained):
+    _, out, _ = trained
+    args = ["sample", "--out_dir", out, "--max_new_tokens", 20, "--seed", 7, "--temperature", 0.8, "--top_k", 50]
+    first, second = run(*args).stdout, run(*args).stdout
+    assert first == second and first.startswith("ROMEO:\n") and len(first) > len("ROMEO:\n")
+    assert run(*args[:-4], "--seed", 8, "--top_p", 0.9).stdout != first
+    greedy = run("sample", "--out_dir", out, "--max_new_tokens", 10, "--temperature", 0, "--num_samples", 2).stdout
+    samples = greedy.split("--- sample 2\n")
+    assert samples[0].removeprefix("--- sample 1\n") == samples[1]
+
+
+def test_resume_from_the_cli(trained, tmp_path):
+    folder, out, _ = trained
+    proc = run("train", "--data", folder / "play.txt", "--out_dir", out, "--max_iters", 5, "--eval_interval", 2,
+               "--resume", *TINY)
+    assert "resuming from" in proc.stdout and "step 3" in proc.stdout and "step     5" in proc.stdout
+
+
+BAD = [  # (arguments, what the one-line error must mention)
+    (["train", "--batch_size", "0"], "--batch_size must be a positive"),
+    (["train", "--max_iters", "-3"], "--max_iters must be a positive"),
+    (["train", "--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
+    (["train", "--val_fraction", "1.5"], "--val_fraction"),
+    (["train", "--dtype", "int8"], "--dtype"),
+    (["train", "--preset", "huge"], "unknown preset"),
+    (["train", "--data", "{tmp}/missing.txt"], "does not exist"),
+    (["train", "--data", "{tmp}/empty.txt"], "is empty"),
+    (["train", "--data", "{tmp}/latin1.txt"], "not UTF-8"),
+    (["train", "--data", "{tmp}/short.txt"], "needs at least"),
+    (["train", "--data", "{tmp}/no_text"], "no .txt files"),
+    (["train", "--device", "cuda:0"] if not torch.cuda.is_available() else ["train", "--device", "tpu"], "device"),
+    (["train", "--resume", "--out_dir", "{tmp}/nothing"], "no readable checkpoint"),
+    (["sample", "--top_k", "0"], "top_k must be >= 1"),
+    (["sample", "--temperature", "-1"], "temperature must be"),
+    (["sample", "--top_p", "1.5"], "top_p must be in (0, 1]"),
+    (["sample", "--max_new_tokens", "-5"], "--max_new_tokens must be >= 0"),
+    (["sample", "--out_dir", "{tmp}/nothing"], "no checkpoint in"),
+    (["sample", "--checkpoint", "{tmp}/truncated.pt"], "not a readable gpt checkpoint"),
+    (["sample", "--init_from", "{tmp}/empty.txt"], "cannot read weights"),
+    (["sample", "--top_k", "many"], "invalid int value"),
+    (["eval", "--batch_size", "0"], "--batch_size"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_clear_line(args, message, tmp_path, trained):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("Too short to train on.")
+    (tmp_path / "no_text").mkdir()
+    good = trained[1] / "best.pt"
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    proc = run(*[a.format(tmp=tmp_path) for a in args], check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt: error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
