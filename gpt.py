@@ -139,23 +139,6 @@ def _text_files(paths):
     return files
 
 
-def read_documents(paths):
-    """(name, text) per text file; a file that is not UTF-8 or is empty is an error."""
-    docs = []
-    for path in _text_files(paths):
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise GPTError(f"{path} is not UTF-8 text (byte {e.start}): convert it, e.g. `iconv -t utf-8`") from None
-        except OSError as e:
-            raise GPTError(f"cannot read {path}: {e.strerror}") from None
-        if not text.strip():
-            raise GPTError(f"{path} is empty: remove it from --data")
-        docs.append((path, text))
-    return docs
-
-
 def cache_dir():
     return os.environ.get("GPT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt"))
 
@@ -182,22 +165,137 @@ def atomic_write(path, write):
         os.close(dir_fd)
 
 
-def load_tokens(data_paths=None):
-    """All documents joined by <|endoftext|>, tokenized once and cached as a uint16 memmap keyed by
-    the sha256 of the content; later runs map the file instead of tokenizing again."""
-    docs = shakespeare_documents() if not data_paths else read_documents(data_paths)
+CHUNK_BYTES = 1 << 20  # text per tokenizer task: memory stays flat, every core stays busy
+
+
+def _cut_point(text):
+    """Where text can be cut so both sides tokenize exactly as the whole: right after a newline
+    between two non-space characters (GPT-2's pre-tokenizer splits there anyway). None if nowhere."""
+    i = text.rfind("\n")
+    while i > 0:
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", 0, i)
+    return None
+
+
+def _file_pieces(path):
+    """A text file in ~CHUNK_BYTES pieces cut at _cut_point; not UTF-8 or empty is an error."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, has_text = "", False
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(CHUNK_BYTES)
+                try:
+                    text = carry + decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    raise GPTError(f"{path} is not UTF-8 text (near byte {f.tell() - len(raw) + e.start}): "
+                                   "convert it, e.g. with `iconv -t utf-8`") from None
+                has_text = has_text or bool(text.strip())
+                cut = _cut_point(text) if raw else len(text)
+                if cut:
+                    yield text[:cut]
+                carry = text[cut:] if cut else text
+                if not raw:
+                    break
+    except OSError as e:
+        raise GPTError(f"cannot read {path}: {e.strerror}") from None
+    if not has_text:
+        raise GPTError(f"{path} is empty: remove it from --data")
+
+
+def _corpus(data_paths):
+    """(documents, total bytes): each document an iterable of text pieces, read lazily."""
+    if not data_paths:
+        texts = [text for _, text in shakespeare_documents()]
+        return [[t] for t in texts], sum(len(t.encode("utf-8")) for t in texts)
+    if len(data_paths) == 1 and os.path.exists(os.path.join(data_paths[0], "meta.json")):
+        raise GPTError(f"{data_paths[0]} is a prepared corpus: use it alone as --data")
+    files = _text_files(data_paths)
+    return [_file_pieces(p) for p in files], sum(os.path.getsize(p) for p in files)
+
+
+def _content_key(data_paths):
+    """sha256 over the documents' bytes (files are streamed, never held whole)."""
     digest = hashlib.sha256()
-    for _, text in docs:
-        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
-    path = os.path.join(cache_dir(), f"tokens-{digest.hexdigest()[:24]}.u16")
-    if not os.path.exists(path):
-        tokenizer = get_tokenizer()
-        ids = tokenizer.encode_ordinary_batch([text for _, text in docs])
-        joined = np.fromiter((t for doc in ids for t in doc + [EOT_ID]), dtype=np.uint16,
-                             count=sum(len(doc) + 1 for doc in ids))
-        os.makedirs(cache_dir(), exist_ok=True)
-        atomic_write(path, lambda f: f.write(joined.tobytes()))
+    if not data_paths:
+        for _, text in shakespeare_documents():
+            digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+        return digest.hexdigest()
+    for path in _text_files(data_paths):
+        file_digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                file_digest.update(block)
+        digest.update(file_digest.digest())
+    return digest.hexdigest()
+
+
+def tokenize_corpus(data_paths, path, progress=False):
+    """Tokenizes documents (joined by <|endoftext|>) into a uint16 file at path, streaming: pieces
+    of ~1 MiB go to a thread pool (tiktoken releases the GIL), results are written in order with
+    at most 2 pieces per core in flight, so memory does not grow with the corpus. Returns the count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    documents, total_bytes = _corpus(data_paths)
+    encode = get_tokenizer().encode_ordinary
+    workers = os.cpu_count() or 1
+    eot = np.array([EOT_ID], dtype=np.uint16)
+    count = 0
+
+    def write(f):
+        nonlocal count
+        in_flight = []
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+
+        def drain(keep):
+            nonlocal count
+            while len(in_flight) > keep:
+                future, size = in_flight.pop(0)
+                ids = future.result()
+                f.write(ids.tobytes() if isinstance(ids, np.ndarray) else np.asarray(ids, dtype=np.uint16).tobytes())
+                count += len(ids)
+                bar.update(size)
+
+        with ThreadPoolExecutor(workers) as pool:
+            for pieces in documents:
+                for piece in pieces:
+                    in_flight.append((pool.submit(encode, piece), len(piece.encode("utf-8"))))
+                    drain(2 * workers)
+                drain(0)
+                f.write(eot.tobytes())
+                count += 1
+        bar.close()
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, write)
+    return count
+
+
+def load_tokens(data_paths=None):
+    """The corpus as a uint16 memmap of token ids: a folder made by `gpt.py prepare`, or texts
+    (default: Shakespeare) tokenized once and cached under cache_dir() by a hash of their content."""
+    if data_paths and len(data_paths) == 1 and os.path.exists(os.path.join(data_paths[0], "meta.json")):
+        path = os.path.join(data_paths[0], "tokens.u16")
+    else:
+        path = os.path.join(cache_dir(), f"tokens-{_content_key(data_paths)[:24]}.u16")
+        if not os.path.exists(path):
+            tokenize_corpus(data_paths, path)
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def prepare(data_paths, out_dir):
+    """`gpt.py prepare`: tokenizes a large corpus once into out_dir (tokens.u16 + meta.json);
+    `train --data out_dir` then maps it."""
+    path = os.path.join(out_dir, "tokens.u16")
+    t0 = time.time()
+    count = tokenize_corpus(data_paths, path, progress=True)
+    meta = {"tokens": count, "sources": [os.path.abspath(p) for p in data_paths], "dtype": "uint16"}
+    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s); train on them with --data {out_dir}")
 
 
 def split_tokens(tokens, block_size, val_fraction):
@@ -330,7 +428,7 @@ def attention_dropout_keep(seed, B, H, T, dropout_p, device=None):
     the kernels regenerate it in backward instead of storing it. Position n = ((b*H + h)*T + i)*T + j;
     key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); keep iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24."""
     n = torch.arange(B * H * T * T, device=device, dtype=torch.int64).view(B, H, T, T)
-    key = _mix32(((n >> 32) + (seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)
+    key = _mix32(((n >> 32) + (((seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
     h = _mix32((n & 0xFFFFFFFF) ^ key)
     return (h >> 8) >= int(dropout_p * 16777216)
 
@@ -1289,7 +1387,7 @@ def load_pretrained(path, **overrides):
 
 
 # ----------------------------------------------------------------------------
-# Command line: train, sample, eval.
+# Command line: train, prepare, sample, eval.
 
 def _load_for_inference(args, device):
     """The model of --init_from (imported weights) or of --out_dir's best (else newest) checkpoint."""
@@ -1401,6 +1499,10 @@ def build_parser():
     common.add_argument("--device", default="auto")
     common.add_argument("--backend", default=None, choices=["auto", "ext", "torch"])
 
+    p = sub.add_parser("prepare", help="tokenize a large corpus once, for train --data DIR")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt")
+    p.add_argument("--out_dir", required=True)
+
     p = sub.add_parser("sample", parents=[common], help="generate text")
     p.add_argument("--prompt", default="ROMEO:\n")
     p.add_argument("--prompt_file", default=None)
@@ -1433,6 +1535,8 @@ def main(argv=None):
     try:
         if args.command == "train":
             train(train_config_from_args(args))
+        elif args.command == "prepare":
+            prepare(args.data, args.out_dir)
         elif args.command == "sample":
             cmd_sample(args)
         elif args.command == "eval":

@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # -O3 and OpenMP SIMD for the CPU loops; the ISA-specific paths (AVX2/AVX-512) are picked at
 # run time by target_clones in the kernels, so the build never assumes the build machine's CPU.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]  # the C++ standard: torch's own (17 or 20)
+NVCC_FLAGS = ["-O3", "--use_fast_math"]
 
 
 def ext_kwargs(with_cuda):

@@ -71,6 +71,20 @@ def test_ties_at_kth(ext, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_top_k_adversarial_strides(ext, device):
+    # The CPU kernel starts its top-k scan from a threshold taken on every 32nd logit: rows whose
+    # strided logits are the largest (or the smallest) must give the same tokens.
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 50257, generator=g)
+    logits[0, ::32] = 1000 + torch.arange(0, 50257, 32, dtype=torch.float32)  # few above the sample's pick
+    logits[1, ::32] = -1000.0
+    logits[2, ::16] = 7.0  # ties everywhere at the top
+    for k in (1, 50, 200):
+        check(logits.to(device), 1.0, k, 1.0, seed=k)
+        check(logits.to(device), 0.7, k, 0.9, seed=k + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ties_at_top_p_boundary(ext, device):
     # 5 tokens at logit 2, then 40 tied tokens at logit 1 where the nucleus boundary falls, the rest low
     B, V = 64, 3000

@@ -43,10 +43,7 @@
 
 namespace {
 
-#ifndef GPT_TILE
-#define GPT_TILE 64
-#endif
-constexpr int64_t TILE = GPT_TILE;  // query and key rows per block; a multiple of every vector width
+constexpr int64_t TILE = 64;  // query and key rows per block; a multiple of every vector width
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -90,11 +87,7 @@ struct Isa {
   typedef int32_t vi __attribute__((vector_size(4 * W_)));
   typedef uint32_t vu __attribute__((vector_size(4 * W_)));
 };
-#ifndef GPT_MR
-#define GPT_MR 6
-#define GPT_NV 4
-#endif
-struct Avx512 : Isa<16, GPT_MR, GPT_NV> {};  // 24 zmm accumulators + 4 B vectors + 1 broadcast of 32
+struct Avx512 : Isa<16, 6, 4> {};  // 24 zmm accumulators + 4 B vectors + 1 broadcast of 32
 struct Avx2 : Isa<8, 6, 2> {};     // 12 ymm accumulators + 2 + 1 of 16
 struct Generic : Isa<4, 6, 2> {};  // SSE (x86-64 baseline) or NEON
 

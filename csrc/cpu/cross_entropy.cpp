@@ -5,12 +5,13 @@
 // Per row: one read pass for the sum of exp (online softmax, block by block, each element read
 // and exp'd once); the _grad_ op keeps those exponentials in a per-thread row buffer, then
 // scales them into the gradient over the row while both are in L2. Nothing N x V is allocated.
-// Rows are spread over threads with at::parallel_for.
+// Rows are spread over threads (parallel_rows).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,23 +29,24 @@ constexpr int64_t kBlock = 2048;
 // (no denormals); NaN stays NaN. Branch-free so `omp simd` loops vectorize it (glibc's expf
 // does not, without -ffast-math).
 static inline float exp_approx(float x) {
-  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN, so 2^n below stays a normal float
+  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN: 2^n stays a normal float
   const float xc = x < lo ? lo : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  // n = round(x / ln2) by adding 1.5 * 2^23 (+ 127, the exponent bias, which lands in t's low bits)
+  const float shifter = 12582912.0f + 127.0f;
   const float t = xc * 1.44269504088896341f + shifter;
   const float n = t - shifter;
-  int32_t ni;
-  std::memcpy(&ni, &t, sizeof(ni));
-  ni -= 0x4B400000;  // the integer n, from the low mantissa bits of t
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for accuracy
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t bits = (ni + 127) << 23;
+  y = y * r + 1.0f;
+  y = y * r + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;  // (n + 127) << 23: the float 2^n (the shifter's own bits shift out)
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < lo ? 0.0f : y * scale;
@@ -138,8 +140,20 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const cha
   }
 }
 
-// Rows per parallel task: about 64K floats of work each, so tiny rows are not one task apiece.
+// Rows handed to a thread at a time: about 64K floats of work.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
+// Runs body(begin, end) over rows [0, n) on torch's threads, `chunk` rows at a time taken from a
+// shared counter: a thread slowed by anything else on the machine does not hold the others up.
+template <typename F>
+void parallel_rows(int64_t n, int64_t chunk, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(chunk)) < n;) body(b, std::min(b + chunk, n));
+  });
+}
+
 
 at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets) {
   check_inputs(logits, targets, "cross_entropy_loss");
@@ -149,7 +163,7 @@ at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& ta
   const float* x = logits.data_ptr<float>();
   const int64_t* tp = t.data_ptr<int64_t>();
   float* lp = loss.data_ptr<float>();
-  at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
       if (tp[i] == -100) {
         lp[i] = 0.0f;
@@ -173,9 +187,11 @@ at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& tar
   float* x = logits.data_ptr<float>();
   const int64_t* tp = t.data_ptr<int64_t>();
   float* lp = loss.data_ptr<float>();
-  at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
     // Per thread: the row's exponentials (in L2 with the row until the second pass) and block refs.
-    std::vector<float> e(static_cast<size_t>(V)), refs(static_cast<size_t>((V + kBlock - 1) / kBlock));
+    static thread_local std::vector<float> e, refs;
+    e.resize(static_cast<size_t>(V));
+    refs.resize(static_cast<size_t>((V + kBlock - 1) / kBlock));
     for (int64_t i = begin; i < end; i++) {
       float* row = x + i * V;
       if (tp[i] == -100) {

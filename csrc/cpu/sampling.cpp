@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,23 +31,24 @@ constexpr int64_t kSumBlock = 512;  // floats per partial sum of the draw
 // polynomial, 2^n through the exponent bits. About 1 ulp; 0 below -87.3; NaN stays NaN.
 // Branch-free so `omp simd` loops vectorize it.
 static inline float exp_approx(float x) {
-  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN
+  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN: 2^n stays a normal float
   const float xc = x < lo ? lo : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  // n = round(x / ln2) by adding 1.5 * 2^23 (+ 127, the exponent bias, which lands in t's low bits)
+  const float shifter = 12582912.0f + 127.0f;
   const float t = xc * 1.44269504088896341f + shifter;
   const float n = t - shifter;
-  int32_t ni;
-  std::memcpy(&ni, &t, sizeof(ni));
-  ni -= 0x4B400000;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t bits = (ni + 127) << 23;
+  y = y * r + 1.0f;
+  y = y * r + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;  // (n + 127) << 23: the float 2^n (the shifter's own bits shift out)
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < lo ? 0.0f : y * scale;
@@ -88,11 +90,11 @@ static int64_t row_argmax(const float* x, int64_t V) {
   return 0;  // an all-NaN row (gpt._sample screens NaN first)
 }
 
-// Candidates of top-k: appends (index, value) of every x_j >= the k-th largest value of the row,
-// in index order. One streaming pass with a threshold thr that is never above the row's k-th
-// largest: it starts from a strided sample (see below) and is raised to the k-th largest of the
-// candidates whenever the buffer fills. A block is looked at element by element only when its
-// max reaches thr.
+// Top-k candidates, in index order: one streaming pass keeps (index, value) of the x_j >= thr,
+// raising thr to the k-th largest kept whenever the buffer fills, and ends with those >= the
+// k-th largest kept. That is the row's top-k with all its ties when the start thr is at most the
+// row's k-th largest, i.e. whenever at least k come out. A block is looked at element by element
+// only when its max reaches thr.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void topk_scan(const float* x, int64_t V, int64_t k, float thr, std::vector<int32_t>& ci,
                       std::vector<float>& cv, std::vector<float>& tmp) {
@@ -212,55 +214,100 @@ static float nucleus_threshold(const float* p, int64_t n, double target, std::ve
   return t;
 }
 
-// p_j = exp((x_j - m) / T) over a row; returns their sum (in double).
+// p_j = exp((x_j - m) / T) over a row.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static double row_probs(const float* x, int64_t V, float m, float T, float* p) {
-  double total = 0.0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < V; j++) {
-    p[j] = exp_approx((x[j] - m) / T);  // a division, as the reference: bitwise the same argument
-    total += p[j];
-  }
-  return total;
+static void row_probs(const float* x, int64_t V, float m, float T, float* p) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; j++) p[j] = exp_approx((x[j] - m) / T);  // a division, as the reference
 }
 
-// Sums in double of the kept p (p >= t) per block of kSumBlock floats, vectorized.
+// Sum in double of p[0..n). (Kept apart from any float compare: GCC 12 then vectorizes it.)
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static double block_sums(const float* p, int64_t V, float t, double* sums) {
+static double sum_double(const float* p, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; j++) s += p[j];
+  return s;
+}
+
+// p_j <- 0 where p_j < t: what top-p drops.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void zero_below(float* p, int64_t V, float t) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; j++) p[j] = p[j] >= t ? p[j] : 0.0f;
+}
+
+// Inverse-CDF draw over a whole row of p: block sums (double) skip whole blocks, then the sum runs
+// element by element in the block where it crosses u * total.
+static int64_t draw_row(const float* p, int64_t V, double u, std::vector<double>& sums) {
+  sums.resize(static_cast<size_t>((V + kSumBlock - 1) / kSumBlock));
   double total = 0.0;
   for (int64_t b = 0, i = 0; b < V; b += kSumBlock, i++) {
-    const int64_t n = std::min(kSumBlock, V - b);
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; j++) s += p[b + j] >= t ? static_cast<double>(p[b + j]) : 0.0;
-    sums[i] = s;
-    total += s;
+    sums[i] = sum_double(p + b, std::min(kSumBlock, V - b));
+    total += sums[i];
   }
-  return total;
-}
-
-// Inverse-CDF draw over a whole row of p, keeping p >= t: skips whole blocks by their sums, then
-// runs the sum element by element in the block where it crosses u * total.
-static int64_t draw_row(const float* p, int64_t V, float t, double u, std::vector<double>& sums) {
-  sums.resize(static_cast<size_t>((V + kSumBlock - 1) / kSumBlock));
-  const double target = u * block_sums(p, V, t, sums.data());
+  const double target = u * total;
   double run = 0.0;
   for (int64_t b = 0, i = 0; b < V; b += kSumBlock, i++) {
     if (run + sums[i] <= target) {
       run += sums[i];
       continue;
     }
-    const int64_t n = std::min(kSumBlock, V - b);
-    for (int64_t j = b; j < b + n; j++) {
-      if (p[j] >= t && p[j] > 0.0f) {
-        run += p[j];
-        if (run > target) return j;
-      }
+    for (int64_t j = b; j < std::min(b + kSumBlock, V); j++) {
+      run += p[j];
+      if (p[j] > 0.0f && run > target) return j;
     }
   }
   for (int64_t j = V - 1; j >= 0; j--)  // rounding left none: the last kept index
-    if (p[j] >= t && p[j] > 0.0f) return j;
+    if (p[j] > 0.0f) return j;
   return V - 1;
+}
+
+// Top-p over a few candidate p's with the reference's arithmetic: sorted descending, mass in
+// double in that order; returns the m-th largest p, m the first whose mass reaches top_p * sum.
+static float sorted_nucleus_threshold(const std::vector<float>& p, double top_p, std::vector<float>& tmp) {
+  tmp.assign(p.begin(), p.end());
+  std::sort(tmp.begin(), tmp.end(), std::greater<float>());
+  double total = 0.0;
+  for (float v : tmp) total += v;
+  const double target = top_p * total;
+  double mass = 0.0;
+  for (float v : tmp) {
+    mass += v;
+    if (mass >= target) return v;
+  }
+  return tmp.back();  // rounding left the target unreached: keep all
+}
+
+// Inverse-CDF draw over candidates (index order) keeping p >= t: the first whose running sum
+// exceeds u * total, else the last kept.
+static int64_t draw_candidates(const std::vector<int32_t>& idx, const std::vector<float>& p, float t, double u,
+                               int64_t fallback) {
+  double total = 0.0;
+  for (size_t j = 0; j < p.size(); j++)
+    if (p[j] >= t) total += p[j];
+  const double target = u * total;
+  double run = 0.0;
+  int64_t last = fallback;
+  for (size_t j = 0; j < p.size(); j++) {
+    if (p[j] >= t && p[j] > 0.0f) {
+      run += p[j];
+      last = idx[j];
+      if (run > target) return idx[j];
+    }
+  }
+  return last;
+}
+
+// Runs body(begin, end) over rows [0, n) on torch's threads, `chunk` rows at a time taken from a
+// shared counter: a thread slowed by anything else on the machine does not hold the others up.
+template <typename F>
+void parallel_rows(int64_t n, int64_t chunk, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(chunk)) < n;) body(b, std::min(b + chunk, n));
+  });
 }
 
 struct Scratch {
@@ -272,50 +319,23 @@ struct Scratch {
 int64_t sample_row(const float* x, int64_t V, double u, float T, int64_t top_k, double top_p, Scratch& s) {
   if (T == 0.0f) return row_argmax(x, V);
   if (top_k > 0 && top_k < V) {
-    // Few candidates: exact reference arithmetic on them (sorted-order mass, index-order draw).
+    // Few candidates: the reference's arithmetic on them exactly (p by expf, sorted-order mass).
     topk_candidates(x, V, top_k, s.ci, s.cv, s.tmp);
-    const size_t n = s.cv.size();
-    if (n == 0) return 0;  // an all-NaN row (gpt._sample screens NaN first)
+    if (s.cv.empty()) return 0;  // an all-NaN row (gpt._sample screens NaN first)
     const float m = *std::max_element(s.cv.begin(), s.cv.end());
-    s.cp.resize(n);
-    for (size_t j = 0; j < n; j++) s.cp[j] = std::exp((s.cv[j] - m) / T);
-    float t = 0.0f;
-    if (top_p < 1.0) {
-      s.tmp.assign(s.cp.begin(), s.cp.end());
-      std::sort(s.tmp.begin(), s.tmp.end(), std::greater<float>());
-      double total = 0.0;
-      for (float v : s.tmp) total += v;
-      const double target = top_p * total;
-      double mass = 0.0;
-      t = s.tmp.back();
-      for (float v : s.tmp) {
-        mass += v;
-        if (mass >= target) {
-          t = v;
-          break;
-        }
-      }
-    }
-    double total = 0.0;
-    for (size_t j = 0; j < n; j++)
-      if (s.cp[j] >= t) total += s.cp[j];
-    const double target = u * total;
-    double run = 0.0;
-    int64_t last = V - 1;
-    for (size_t j = 0; j < n; j++) {
-      if (s.cp[j] >= t && s.cp[j] > 0.0f) {
-        run += s.cp[j];
-        last = s.ci[j];
-        if (run > target) return s.ci[j];
-      }
-    }
-    return last;
+    s.cp.resize(s.cv.size());
+    for (size_t j = 0; j < s.cv.size(); j++) s.cp[j] = std::exp((s.cv[j] - m) / T);
+    const float t = top_p < 1.0 ? sorted_nucleus_threshold(s.cp, top_p, s.tmp) : 0.0f;
+    return draw_candidates(s.ci, s.cp, t, u, V - 1);
   }
   // No top-k: p over the whole row, the nucleus threshold by radix select, then the draw.
   s.p.resize(static_cast<size_t>(V));
-  const double total = row_probs(x, V, row_max(x, V), T, s.p.data());
-  const float t = top_p < 1.0 ? nucleus_threshold(s.p.data(), V, top_p * total, s.sub) : 0.0f;
-  return draw_row(s.p.data(), V, t, u, s.sums);
+  row_probs(x, V, row_max(x, V), T, s.p.data());
+  if (top_p < 1.0) {
+    const double total = sum_double(s.p.data(), V);
+    zero_below(s.p.data(), V, nucleus_threshold(s.p.data(), V, top_p * total, s.sub));
+  }
+  return draw_row(s.p.data(), V, u, s.sums);
 }
 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniform, double temperature, int64_t top_k,
@@ -337,8 +357,8 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniform, doubl
   const double* up = u.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();
   const float T = static_cast<float>(temperature);  // the reference divides float32 by float32(T)
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    Scratch s;
+  parallel_rows(B, 1, [&](int64_t begin, int64_t end) {
+    static thread_local Scratch s;  // buffers kept from call to call
     for (int64_t r = begin; r < end; r++) op[r] = sample_row(x + r * V, V, up[r], T, top_k, top_p, s);
   });
   return out;

@@ -43,8 +43,9 @@ __device__ MaxSum block_merge(MaxSum v) {
 }
 
 // One block per row: loss[row], and when write_grad the row's gradient over its logits.
-__global__ void cross_entropy_kernel(float* logits, const int64_t* targets, float* loss, int64_t V,
-                                     float grad_scale, bool write_grad) {
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_kernel(float* logits, const int64_t* targets, float* loss, int64_t V, float grad_scale,
+                         bool write_grad) {
   const int64_t row = blockIdx.x;
   float* x = logits + row * V;
   const int64_t t = targets[row];

@@ -152,8 +152,8 @@ __device__ float nucleus_threshold(const float* x, int V, float m, float T, floa
   return __uint_as_float(prefix);
 }
 
-__global__ void sample_kernel(const float* logits, const double* uniform, int64_t* out, int V, float T, int top_k,
-                              double top_p) {
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const float* logits, const double* uniform, int64_t* out, int V, float T, int top_k, double top_p) {
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
   __shared__ int hist[256];

@@ -1,0 +1,37 @@
+"""torch.compile over the model with the ext custom ops (register_fake makes them traceable)."""
+import torch
+
+import gpt
+
+
+def test_model_trains_under_torch_compile_with_ext_ops(ext):
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
+    eager = gpt.GPT(config)
+    compiled_model = gpt.GPT(config)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model)
+    x, y = torch.randint(0, 50257, (2, 4, 32))
+    losses = {}
+    for name, model, module in (("eager", eager, eager), ("compiled", compiled, compiled_model)):
+        opt = module.configure_optimizer(1e-2, 0.0, (0.9, 0.95), "cpu")
+        losses[name] = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = model(x, y)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["compiled"][-1] < losses["compiled"][0] - 0.5
+    assert all(abs(a - b) < 1e-3 for a, b in zip(losses["eager"], losses["compiled"])), losses
+
+
+def test_bfloat16_autocast_matches_float32(ext):
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)).eval()
+    x, y = torch.randint(0, 50257, (2, 4, 32))
+    with torch.no_grad():
+        full = model(x, y).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x, y).item()
+    assert abs(full - half) < 0.05 * full

@@ -1,0 +1,65 @@
+"""Big corpora: streaming tokenization, exact across piece boundaries, flat memory."""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpt
+
+GPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpt.py")
+
+
+def test_pieces_tokenize_exactly_as_the_whole(tmp_path, monkeypatch, shakespeare_text):
+    text = shakespeare_text + "\n\n\nend  \n \nx\ny\n\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(gpt, "CHUNK_BYTES", 97)  # hundreds of cuts
+    pieces = list(gpt._file_pieces(str(tmp_path / "a.txt")))
+    assert len(pieces) > 100 and "".join(pieces) == text
+    n = gpt.tokenize_corpus([str(tmp_path / "a.txt")], str(tmp_path / "t.u16"))
+    tokens = np.fromfile(tmp_path / "t.u16", dtype=np.uint16)
+    assert n == len(tokens) and tokens.tolist() == gpt.get_tokenizer().encode_ordinary(text) + [gpt.EOT_ID]
+
+
+def test_a_bad_byte_deep_in_a_file_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpt, "CHUNK_BYTES", 64)
+    (tmp_path / "a.txt").write_bytes(b"fine text\n" * 50 + b"caf\xe9\n")
+    with pytest.raises(gpt.GPTError, match="not UTF-8 text"):
+        gpt.tokenize_corpus([str(tmp_path / "a.txt")], str(tmp_path / "t.u16"))
+    assert os.listdir(tmp_path) == ["a.txt"]  # no torn output, no temp file left
+
+
+@pytest.mark.slow
+def test_prepare_a_gigabyte_in_flat_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    words = np.array(sorted(set(gpt.shakespeare_documents()[0][1].split())))
+    blocks = []
+    for _ in range(8):  # 8 different 4 MiB blocks of random verse, written in a random order
+        lines = [" ".join(rng.choice(words, 9)) for _ in range(75_000)]
+        blocks.append(("\n".join(lines) + "\n").encode()[: 4 << 20].rsplit(b"\n", 1)[0] + b"\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    size = 0
+    for i in range(4):  # four files, tokenized in parallel pieces
+        with open(corpus / f"part{i}.txt", "wb") as f:
+            for j in rng.integers(0, 8, 64):
+                f.write(blocks[j])
+                size += len(blocks[j])
+    assert size >= 1_000_000_000
+    out = tmp_path / "prepared"
+    proc = subprocess.run([sys.executable, GPT, "prepare", "--data", str(corpus), "--out_dir", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    meta = json.loads((out / "meta.json").read_text())
+    tokens = gpt.load_tokens([str(out)])
+    assert len(tokens) == meta["tokens"] > 200_000_000
+    # spot check: the first block tokenizes as the whole block would
+    first = (corpus / "part0.txt").open("rb").read(len(blocks[0])).decode()
+    head = gpt.get_tokenizer().encode_ordinary(first)
+    assert tokens[: len(head) - 1].tolist() == head[:-1]
+    print(f"\nprepare: {size / 1e9:.2f} GB of text -> {len(tokens):,} tokens, peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 1500, f"peak memory {peak_mb:.0f} MB grows with the corpus"

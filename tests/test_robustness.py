@@ -1,0 +1,123 @@
+"""Nothing lost: SIGKILL at any moment, SIGTERM, corrupt checkpoints, pickled code."""
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import gpt
+
+GPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpt.py")
+
+
+def train_args(text_file, out_dir, *extra):
+    return [sys.executable, GPT, "train", "--data", text_file, "--out_dir", str(out_dir), "--n_layer", "2",
+            "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--batch_size", "8", "--dropout", "0.1",
+            "--max_iters", "120", "--eval_interval", "10", "--eval_iters", "1", "--device", "cpu", *extra]
+
+
+def final_weights(out_dir):
+    state = gpt.load_checkpoint(gpt.checkpoints_in(out_dir)[0])
+    assert state["step"] == 120
+    return state["model"]
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(text_file, tmp_path):
+    subprocess.run(train_args(text_file, tmp_path / "ref"), check=True, capture_output=True, timeout=600)
+    reference = final_weights(tmp_path / "ref")
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(7):
+        resume = ["--resume"] if gpt.checkpoints_in(out) else []
+        proc = subprocess.Popen(train_args(text_file, out, *resume), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if attempt == 0:  # the first kill lands in the middle of writing a checkpoint
+            deadline = time.time() + 120
+            while not (out.is_dir() and any(n.endswith(".tmp") for n in os.listdir(out))) and time.time() < deadline:
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(2.0, 6.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        assert all(gpt.load_checkpoint(p)["step"] > 0 for p in gpt.checkpoints_in(out))  # none torn
+    subprocess.run(train_args(text_file, out, "--resume"), check=True, capture_output=True, timeout=600)
+    assert kills >= 4
+    resumed = final_weights(out)
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_sigterm_saves_and_exits_cleanly(text_file, tmp_path):
+    proc = subprocess.Popen(train_args(text_file, tmp_path, "--eval_interval", "1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped by signal" in stdout
+    step = gpt.load_checkpoint(gpt.checkpoints_in(tmp_path)[0])["step"]
+    assert 1 < step < 120
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(text_file, tmp_path):
+    subprocess.run(train_args(text_file, tmp_path, "--max_iters", "8"), check=True, capture_output=True)
+    newest, previous = gpt.checkpoints_in(tmp_path)
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 3)
+    proc = subprocess.run(train_args(text_file, tmp_path, "--max_iters", "10", "--resume"),
+                          capture_output=True, text=True, check=True)
+    assert f"skipping {newest}" in proc.stderr and f"resuming from {previous}" in proc.stdout
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(gpt.GPTError, match="not a readable gpt checkpoint"):
+            gpt.load_checkpoint(path)
+        torch.save({"step": 1, "model": {}, "f": os.system}, tmp_path / "evil2.pt")
+        with pytest.raises(gpt.GPTError):
+            gpt.load_checkpoint(tmp_path / "evil2.pt")
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_unwritable_out_dir(text_file, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        proc = subprocess.run(train_args(text_file, locked), capture_output=True, text=True)
+        assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        locked.chmod(0o700)
+
+
+def test_full_disk_on_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    good = tmp_path / "ckpt-00000001.pt"
+    gpt.save_checkpoint(good, {"step": 1})
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(gpt.GPTError, match="No space left on device"):
+        gpt.save_checkpoint(tmp_path / "ckpt-00000002.pt", {"step": 2})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.pt"] and gpt.load_checkpoint(good)["step"] == 1
