@@ -504,17 +504,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, inplace):
-        n_valid = (targets != -100).sum().clamp(min=1)
+        n_valid = int((targets != -100).sum())
         grad = logits if inplace else logits.clone()
-        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, 1.0 / n_valid.item())
+        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, 1.0 / max(n_valid, 1))
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(targets)
-        return rows.sum() / n_valid
+        return rows.sum() / n_valid  # nan when every target is ignored, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss), None, None
+        return _scaled(grad, grad_loss), None, None
+
+
+def _scaled(grad, grad_loss):
+    """grad * grad_loss in place (the buffer is the op's own), skipping the pass when grad_loss is 1,
+    as in a plain loss.backward(). The graph can be walked backward once."""
+    return grad if bool(grad_loss == 1) else grad.mul_(grad_loss)
 
 
 def cross_entropy(logits, targets, inplace=False):
@@ -525,9 +530,9 @@ def cross_entropy(logits, targets, inplace=False):
         return F.cross_entropy(logits2d.float(), targets1d, ignore_index=-100)
     logits2d = logits2d.float().contiguous()
     if torch.is_grad_enabled() and logits2d.requires_grad:
-        return _FusedCrossEntropy.apply(logits2d, targets1d, inplace and logits2d.data_ptr() == logits.data_ptr())
-    n_valid = (targets1d != -100).sum().clamp(min=1)
-    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d).sum() / n_valid
+        private_copy = logits2d.data_ptr() != logits.data_ptr()  # .float() or .contiguous() copied
+        return _FusedCrossEntropy.apply(logits2d, targets1d, inplace or private_copy)
+    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d).sum() / (targets1d != -100).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -537,14 +542,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
-        n_valid = max(int((targets != -100).sum()), 1)
+        n_valid = int((targets != -100).sum())
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         loss = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[s: s + chunk_rows], targets[s: s + chunk_rows]
             logits = h_chunk @ weight.t()
-            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, 1.0 / n_valid).sum()
+            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, 1.0 / max(n_valid, 1)).sum()
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s: s + chunk_rows])
             if grad_w is not None:
@@ -555,8 +560,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss if grad_h is not None else None,
-                grad_w * grad_loss if grad_w is not None else None, None, None)
+        return (_scaled(grad_h, grad_loss) if grad_h is not None else None,
+                _scaled(grad_w, grad_loss) if grad_w is not None else None, None, None)
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows=1024):
@@ -565,12 +570,12 @@ def linear_cross_entropy(h, weight, targets, chunk_rows=1024):
     if not _ext_device_ok(h):
         return F.cross_entropy(F.linear(h2d, weight).float(), targets1d, ignore_index=-100)
     h2d, weight = h2d.float().contiguous(), weight.float()
-    if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h2d, weight, targets1d, chunk_rows)
-    n_valid = max(int((targets1d != -100).sum()), 1)
-    rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows])
-            for s in range(0, h2d.size(0), chunk_rows)]
-    return torch.cat(rows).sum() / n_valid
+    with torch.autocast(h.device.type, enabled=False):  # the kernel takes float32 logits
+        if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(h2d, weight, targets1d, chunk_rows)
+        rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows])
+                for s in range(0, h2d.size(0), chunk_rows)]
+    return torch.cat(rows).sum() / (targets1d != -100).sum()
 
 
 # --- sampling --------------------------------------------------------------------
@@ -611,6 +616,8 @@ def _register_sample():
 
 def _sample(logits, uniform, temperature, top_k, top_p):
     """Dispatches sample_reference / gpt::sample; top_k 0 means no top-k, top_p 1.0 no top-p."""
+    if np.float32(temperature) == 0:  # too small for float32 logits: greedy on both backends
+        temperature = 0.0
     if _ext_device_ok(logits):
         return torch.ops.gpt.sample(logits.float().contiguous(), uniform.double().contiguous(),
                                     float(temperature), int(top_k), float(top_p))
@@ -670,8 +677,10 @@ class CausalSelfAttention(nn.Module):
             cache_k, cache_v = kv_cache
             cache_k[:, :, pos: pos + T] = k
             cache_v[:, :, pos: pos + T] = v
-            if pos > 0:  # decoding one token: it sees every cached position, no mask needed
-                y = F.scaled_dot_product_attention(q, cache_k[:, :, : pos + T], cache_v[:, :, : pos + T])
+            if pos > 0:  # a token after the prompt sees every cached position (several: causally)
+                mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+                y = F.scaled_dot_product_attention(q, cache_k[:, :, : pos + T], cache_v[:, :, : pos + T],
+                                                   attn_mask=mask)
                 return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
         dropout_p = self.dropout if self.training else 0.0
         # the dropout mask is a hash of this seed, drawn from torch's RNG so runs and resumes replay
@@ -1218,8 +1227,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
-    if torch.isnan(logits).any():
-        raise ValueError("logits contain NaN: the model's weights or inputs are broken")
+    if not torch.isfinite(logits.amax(dim=-1)).all():  # one pass: NaN and +inf propagate into the max
+        raise ValueError("logits contain NaN or +inf, or a row is all -inf: the model's weights or inputs are broken")
     if temperature == 0:
         uniform = logits.new_zeros(logits.size(0), dtype=torch.float64)
     else:
@@ -1240,6 +1249,8 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
     on_token(ids (B, 1)) is called with each new column (for streaming)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return idx
     L = model.config.block_size
     cache = model.new_kv_cache(idx.size(0))
     out = [idx]

@@ -77,3 +77,17 @@ def test_crop_block_size():
     assert model.wpe.weight.shape[0] == 8 and torch.allclose(model(x), before)
     with pytest.raises(gpt.GPTError, match="larger than the model"):
         model.crop_block_size(16)
+
+
+def test_kv_cache_in_chunks_equals_one_forward():
+    torch.manual_seed(0)
+    model = gpt.GPT(tiny_config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # loud weights, so attention matters
+        x = torch.randint(0, 50257, (2, 12))
+        full = model(x)
+        cache = model.new_kv_cache(2)
+        parts = [model(x[:, a:b], kv_cache=cache, pos=a) for a, b in ((0, 4), (4, 5), (5, 12))]
+    assert (full - full.roll(1, dims=1)).abs().max() > 1.0
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4)

@@ -136,7 +136,8 @@ def test_combined_top_k_top_p_many_draws(ext, device):
 def test_through_generate_dispatch(ext, device):
     logits = randn_logits(5, 1001, device, seed=8)
     u = uniforms(5, 9).to(device)
-    assert torch.equal(gpt._sample(logits, u, 0.8, 40, 0.95).cpu(), gpt.sample_reference(logits, u, 0.8, 40, 0.95).cpu())
+    want = gpt.sample_reference(logits, u, 0.8, 40, 0.95)
+    assert torch.equal(gpt._sample(logits, u, 0.8, 40, 0.95).cpu(), want.cpu())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -18,39 +18,14 @@
 #include <limits>
 #include <vector>
 
+#include "exp_approx.h"
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Floats per online-softmax block (8 KiB, in L1 when a block must be redone).
 constexpr int64_t kBlock = 2048;
 
-// exp(x) for x <= 88 (callers pass x - max <= 0), Cephes expf: x = n ln2 + r with |r| <= ln2/2,
-// exp(r) by a degree-7 polynomial, 2^n through the exponent bits. About 1 ulp; 0 below -87.3
-// (no denormals); NaN stays NaN. Branch-free so `omp simd` loops vectorize it (glibc's expf
-// does not, without -ffast-math).
-static inline float exp_approx(float x) {
-  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN: 2^n stays a normal float
-  const float xc = x < lo ? lo : x;
-  // n = round(x / ln2) by adding 1.5 * 2^23 (+ 127, the exponent bias, which lands in t's low bits)
-  const float shifter = 12582912.0f + 127.0f;
-  const float t = xc * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r + 1.0f;
-  y = y * r + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits <<= 23;  // (n + 127) << 23: the float 2^n (the shifter's own bits shift out)
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? 0.0f : y * scale;
-}
 
 // Exponent headroom of the block sums: a block is summed as exp(x - ref) with ref the running
 // reference, which only moves up when a block max exceeds it by more than this (exp(40) * kBlock
@@ -153,7 +128,6 @@ void parallel_rows(int64_t n, int64_t chunk, const F& body) {
     for (int64_t b; (b = next.fetch_add(chunk)) < n;) body(b, std::min(b + chunk, n));
   });
 }
-
 
 at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets) {
   check_inputs(logits, targets, "cross_entropy_loss");

@@ -19,6 +19,8 @@
 #include <limits>
 #include <vector>
 
+#include "exp_approx.h"
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -27,32 +29,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kScanBlock = 64;
 constexpr int64_t kSumBlock = 512;  // floats per partial sum of the draw
 
-// exp(x) for x <= 88 (callers pass (x - max) / T <= 0), Cephes expf: x = n ln2 + r, exp(r) by a
-// polynomial, 2^n through the exponent bits. About 1 ulp; 0 below -87.3; NaN stays NaN.
-// Branch-free so `omp simd` loops vectorize it.
-static inline float exp_approx(float x) {
-  const float lo = -87.3365478515625f;  // exp(lo) = FLT_MIN: 2^n stays a normal float
-  const float xc = x < lo ? lo : x;
-  // n = round(x / ln2) by adding 1.5 * 2^23 (+ 127, the exponent bias, which lands in t's low bits)
-  const float shifter = 12582912.0f + 127.0f;
-  const float t = xc * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r + 1.0f;
-  y = y * r + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits <<= 23;  // (n + 127) << 23: the float 2^n (the shifter's own bits shift out)
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? 0.0f : y * scale;
-}
 
 static inline uint32_t float_bits(float f) {
   uint32_t u;
