@@ -6,7 +6,8 @@
   the N x V logits never exist) against F.linear + F.cross_entropy; extra peak memory in extra_info.
 - one training step (forward, loss, backward, AdamW step) of GPT-124M as the book trains it in
   chapter 5 (batch 2 x 256, dropout 0.1, no qkv bias, untied head): gpt.py on the ext and on the
-  torch backend, and the book's GPTModel (llms_from_scratch.ch04) trained the book's way.
+  torch backend, each as gpt.train runs a step, and the book's GPTModel (llms_from_scratch.ch04) trained
+  the book's way (its AdamW, zero_grad, F.cross_entropy over the full logits).
   extra_info["tokens_per_s"] is the median round's throughput.
 """
 import statistics
@@ -49,14 +50,13 @@ BOOK_CFG = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads
             "drop_rate": 0.1, "qkv_bias": False}
 
 
-def train_step_case(benchmark, model, loss_fn, rounds=4):
+def train_step_case(benchmark, model, loss_fn, optimizer, set_to_none=True, rounds=4):
     torch.manual_seed(0)
     x, y = torch.randint(0, 50257, (2, 2, 256))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
     model.train()
 
     def step():
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=set_to_none)
         loss_fn(model, x, y).backward()
         optimizer.step()
 
@@ -81,8 +81,9 @@ def test_train_step_gpt(benchmark, ext, backend):
     try:
         torch.manual_seed(0)
         model = gpt.GPT(gpt.GPTConfig(**gpt.MODEL_PRESETS["book"]))
-        # the book's optimizer (decay on every weight), so only the model code differs
-        train_step_case(benchmark, model, gpt_loss)
+        # as gpt.train runs a step: its AdamW (fused; no decay on biases and norms), gradient buffers kept
+        optimizer = model.configure_optimizer(4e-4, 0.1, (0.9, 0.999), "cpu")
+        train_step_case(benchmark, model, gpt_loss, optimizer, set_to_none=False)
     finally:
         gpt.use_backend("ext")
 
@@ -92,4 +93,5 @@ def test_train_step_book(benchmark):
     from llms_from_scratch.ch04 import GPTModel
 
     torch.manual_seed(0)
-    train_step_case(benchmark, GPTModel(BOOK_CFG), book_loss)
+    model = GPTModel(BOOK_CFG)
+    train_step_case(benchmark, model, book_loss, torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1))

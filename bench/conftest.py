@@ -1,8 +1,11 @@
 import os
 import sys
 
-import pytest
-import torch
+# torch reads THP_MEM_ALLOC_ENABLE once, at import; gpt.py sets it only if torch is not imported yet
+THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gpt  # noqa: E402
@@ -40,4 +43,4 @@ def ext():
 @pytest.fixture(autouse=True)
 def _thp_note(benchmark):
     # Whether torch's CPU allocator used transparent huge pages (THP_MEM_ALLOC_ENABLE=1) in this run.
-    benchmark.extra_info["thp"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    benchmark.extra_info["thp"] = THP

@@ -82,6 +82,8 @@ BAD = [  # (arguments, what the one-line error must mention)
     (["sample", "--checkpoint", "{tmp}/truncated.pt"], "not a readable gpt checkpoint"),
     (["sample", "--init_from", "{tmp}/empty.txt"], "cannot read weights"),
     (["sample", "--top_k", "many"], "invalid int value"),
+    (["train", "--init_from", "{tmp}/hf", "--block_size", "128"], "larger than the model's 64"),
+    (["sample", "--init_from", "{tmp}/not_gpt2.safetensors"], "not a GPT-2 checkpoint"),
     (["eval", "--batch_size", "0"], "--batch_size"),
     (["frobnicate"], "invalid choice"),
 ]
@@ -95,6 +97,14 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, trained):
     (tmp_path / "no_text").mkdir()
     good = trained[1] / "best.pt"
     (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    if "{tmp}/hf" in args:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
+    if "{tmp}/not_gpt2.safetensors" in args:
+        from safetensors.torch import save_file
+
+        save_file({"encoder.weight": torch.zeros(3, 3)}, str(tmp_path / "not_gpt2.safetensors"))
     proc = run(*[a.format(tmp=tmp_path) for a in args], check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -1,6 +1,8 @@
 import glob
+import math
 import os
 
+import pytest
 import torch
 
 import gpt
@@ -46,3 +48,21 @@ def test_early_stopping_keeps_the_best(text_file, tmp_path):
     assert history["step"][-1] < 200
     best = gpt.load_checkpoint(tmp_path / "best.pt")
     assert best["best_val"] == min(history["val_loss"])
+
+
+def test_nonfinite_loss_stops_with_the_step_or_is_skipped(text_file, tmp_path, monkeypatch):
+    real = gpt.calc_loss_batch
+    calls = {"n": 0}
+
+    def poisoned(x, y, model, device):  # the 5th training batch gives an infinite loss
+        calls["n"] += model.training
+        loss = real(x, y, model, device)
+        return loss * float("inf") if model.training and calls["n"] == 5 else loss
+
+    monkeypatch.setattr(gpt, "calc_loss_batch", poisoned)
+    with pytest.raises(gpt.GPTError, match=r"non-finite loss inf .* at step 4"):
+        gpt.train(tiny_run(text_file, tmp_path / "stop", max_iters=8, eval_interval=100))
+    assert gpt.load_checkpoint(tmp_path / "stop" / "ckpt-00000001.pt")["step"] == 1  # the last good one stays
+    calls["n"] = 0
+    history = gpt.train(tiny_run(text_file, tmp_path / "skip", max_iters=8, eval_interval=100, skip_nonfinite=True))
+    assert history["step"][-1] == 8 and all(math.isfinite(v) for v in history["train_loss"])
