@@ -301,7 +301,11 @@ def prepare(data_paths, out_dir):
     count = tokenize_corpus(data_paths, path, progress=True)
     meta = {"tokens": count, "sources": [os.path.abspath(p) for p in data_paths], "dtype": "uint16"}
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s); train on them with --data {out_dir}")
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s, peak memory {peak_mb:.0f} MB); "
+          f"train on them with --data {out_dir}")
 
 
 def split_tokens(tokens, block_size, val_fraction):
@@ -643,6 +647,7 @@ class GPTConfig:
     dropout: float = 0.0
     qkv_bias: bool = False  # OpenAI's GPT-2 has biases on q, k, v; the book trains without
     tie_weights: bool = True  # LM head shares the token embedding (GPT-2); the book unties them
+    init: str = "gpt2"  # "gpt2": N(0, 0.02), residuals / sqrt(2 n_layer); "torch": PyTorch's defaults, as the book
 
     def validate(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -653,6 +658,8 @@ class GPTConfig:
                            "pick n_embd as a multiple of n_head")
         if not 0 <= self.dropout < 1:
             raise GPTError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("gpt2", "torch"):
+            raise GPTError(f"init must be gpt2 or torch, got {self.init!r}")
         return self
 
 
@@ -663,7 +670,8 @@ MODEL_PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, qkv_bias=True),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, qkv_bias=True),  # 1558M
     # the book's GPT_CONFIG_124M as trained in chapter 5
-    "book": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, dropout=0.1, qkv_bias=False, tie_weights=False),
+    "book": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, dropout=0.1, qkv_bias=False, tie_weights=False,
+                 init="torch"),
 }
 
 
@@ -731,6 +739,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
+        if config.init == "torch":  # the book's GPTModel keeps PyTorch's default initialization
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by depth
@@ -1295,7 +1305,8 @@ _BOOK_NAMES = [  # the book's GPTModel names -> ours, per block {i}
     ("trf_blocks.{i}.norm2.scale", "h.{i}.ln_2.weight"), ("trf_blocks.{i}.norm2.shift", "h.{i}.ln_2.bias"),
     ("trf_blocks.{i}.att.out_proj.weight", "h.{i}.attn.c_proj.weight"),
     ("trf_blocks.{i}.att.out_proj.bias", "h.{i}.attn.c_proj.bias"),
-    ("trf_blocks.{i}.ff.layers.0.weight", "h.{i}.mlp.c_fc.weight"), ("trf_blocks.{i}.ff.layers.0.bias", "h.{i}.mlp.c_fc.bias"),
+    ("trf_blocks.{i}.ff.layers.0.weight", "h.{i}.mlp.c_fc.weight"),
+    ("trf_blocks.{i}.ff.layers.0.bias", "h.{i}.mlp.c_fc.bias"),
     ("trf_blocks.{i}.ff.layers.2.weight", "h.{i}.mlp.c_proj.weight"),
     ("trf_blocks.{i}.ff.layers.2.bias", "h.{i}.mlp.c_proj.bias"),
 ]
@@ -1392,9 +1403,10 @@ def load_pretrained(path, **overrides):
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k])
     if missing or unexpected or wrong:
+        shapes = ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k])}" for k in wrong[:3])
         parts = [f"missing {', '.join(missing[:5])}" if missing else "",
                  f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
-                 f"wrong shape {', '.join(f'{k} {tuple(sd[k].shape)} vs {tuple(expected[k])}' for k in wrong[:3])}" if wrong else ""]
+                 f"wrong shape {shapes}" if wrong else ""]
         raise GPTError(f"{path} does not fit a GPT-2 of {cfg['n_layer']} layers x {cfg['n_embd']}: "
                        + "; ".join(p for p in parts if p))
     model.load_state_dict(sd, strict=False)

@@ -57,7 +57,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(text_file, tmp_p
 def test_sigterm_saves_and_exits_cleanly(text_file, tmp_path):
     proc = subprocess.Popen(train_args(text_file, tmp_path, "--eval_interval", "1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(5)
+    deadline = time.time() + 300
+    while not gpt.checkpoints_in(tmp_path) and time.time() < deadline:  # training has started
+        time.sleep(0.05)
+    time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "stopped by signal" in stdout
