@@ -18,7 +18,7 @@
 #include <limits>
 #include <vector>
 
-#include "exp_approx.h"
+#include "simd_math.h"
 
 namespace {
 
@@ -31,15 +31,6 @@ constexpr int64_t kBlock = 2048;
 // reference, which only moves up when a block max exceeds it by more than this (exp(40) * kBlock
 // is far from float overflow). So each element is read once, and exp'd once.
 constexpr float kHeadroom = 40.0f;
-
-// Max of a block, NaN ignored.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static float block_max(const float* x, int64_t n) {
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
-  return m;
-}
 
 // One block, one read: its max (bm), and sum of e_j = exp(x_j - ref), stored to e when e != null.
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -68,7 +59,7 @@ static void block_exp_sum(const float* x, int64_t n, float ref, float* e, float*
 // (so logsumexp = ref + log s). When e != null it gets e_j = exp(x_j - ref_b), and refs[b] each
 // block's reference ref_b, for the gradient pass (e is a separate buffer, so a block can be redone).
 static void row_softmax_stats(const float* x, int64_t V, float* e, float* refs, float* ref_out, double* s_out) {
-  float ref = block_max(x, std::min(kBlock, V));  // so that the first block is not redone
+  float ref = max_ignoring_nan(x, std::min(kBlock, V));  // so that the first block is not redone
   double s = 0.0;
   for (int64_t b = 0, i = 0; b < V; b += kBlock, i++) {
     const int64_t n = std::min(kBlock, V - b);

@@ -19,7 +19,7 @@
 #include <limits>
 #include <vector>
 
-#include "exp_approx.h"
+#include "simd_math.h"
 
 namespace {
 
@@ -34,15 +34,6 @@ static inline uint32_t float_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
-}
-
-// Row max, NaN ignored.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static float row_max(const float* x, int64_t V) {
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < V; j++) m = x[j] > m ? x[j] : m;
-  return m;
 }
 
 // First index of the row max (torch.argmax): block maxima in one pass, remembering the first
@@ -306,7 +297,7 @@ int64_t sample_row(const float* x, int64_t V, double u, float T, int64_t top_k, 
   }
   // No top-k: p over the whole row, the nucleus threshold by radix select, then the draw.
   s.p.resize(static_cast<size_t>(V));
-  row_probs(x, V, row_max(x, V), T, s.p.data());
+  row_probs(x, V, max_ignoring_nan(x, V), T, s.p.data());
   if (top_p < 1.0) {
     const double total = sum_double(s.p.data(), V);
     zero_below(s.p.data(), V, nucleus_threshold(s.p.data(), V, top_p * total, s.sub));

@@ -1,7 +1,8 @@
-// exp_approx: the vectorizable expf shared by the CPU kernels.
+// Vectorizable helpers shared by the CPU kernels: exp_approx and max_ignoring_nan.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 // exp(x) for x <= 88 (callers pass x - max <= 0), Cephes expf: x = n ln2 + r with |r| <= ln2/2,
 // exp(r) by a degree-7 polynomial, 2^n through the exponent bits. About 1 ulp; 0 below -87.3
@@ -29,4 +30,13 @@ static inline float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < lo ? 0.0f : y * scale;
+}
+
+// Max of x[0..n), NaN ignored (-inf for an empty or all-NaN range).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static float max_ignoring_nan(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+  return m;
 }
