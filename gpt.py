@@ -247,7 +247,10 @@ def tokenize_corpus(data_paths, path, progress=False):
     from tqdm import tqdm
 
     documents, total_bytes = _corpus(data_paths)
-    encode = get_tokenizer().encode_ordinary
+    tokenizer = get_tokenizer()
+
+    def encode(piece):  # straight into a uint16 array: no Python int per token (memory stays flat)
+        return tokenizer.encode_to_numpy(piece, disallowed_special=()).astype(np.uint16)
     workers = os.cpu_count() or 1
     eot = np.array([EOT_ID], dtype=np.uint16)
     count = 0
@@ -262,7 +265,7 @@ def tokenize_corpus(data_paths, path, progress=False):
             while len(in_flight) > keep:
                 future, size = in_flight.pop(0)
                 ids = future.result()
-                f.write(ids.tobytes() if isinstance(ids, np.ndarray) else np.asarray(ids, dtype=np.uint16).tobytes())
+                f.write(ids.tobytes())
                 count += len(ids)
                 bar.update(size)
 
