@@ -18,7 +18,7 @@
 #include <limits>
 #include <vector>
 
-#include "simd_math.h"
+#include "common.h"
 
 namespace {
 
@@ -108,17 +108,6 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const cha
 
 // Rows handed to a thread at a time: about 64K floats of work.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
-
-// Runs body(begin, end) over rows [0, n) on torch's threads, `chunk` rows at a time taken from a
-// shared counter: a thread slowed by anything else on the machine does not hold the others up.
-template <typename F>
-void parallel_rows(int64_t n, int64_t chunk, const F& body) {
-  std::atomic<int64_t> next{0};
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    for (int64_t b; (b = next.fetch_add(chunk)) < n;) body(b, std::min(b + chunk, n));
-  });
-}
 
 at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets) {
   check_inputs(logits, targets, "cross_entropy_loss");

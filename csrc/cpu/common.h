@@ -1,5 +1,9 @@
-// Vectorizable helpers shared by the CPU kernels: exp_approx and max_ignoring_nan.
+// Helpers shared by the CPU kernels: exp_approx, max_ignoring_nan, parallel_rows.
 #pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -39,4 +43,15 @@ static float max_ignoring_nan(const float* x, int64_t n) {
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
   return m;
+}
+
+// Runs body(begin, end) over rows [0, n) on torch's threads, `chunk` rows at a time taken from a
+// shared counter: a thread slowed by anything else on the machine does not hold the others up.
+template <typename F>
+void parallel_rows(int64_t n, int64_t chunk, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(chunk)) < n;) body(b, std::min(b + chunk, n));
+  });
 }
