@@ -174,6 +174,20 @@ def atomic_write(path, write):
 CHUNK_BYTES = 1 << 20  # text per tokenizer task: memory stays flat, every core stays busy
 
 
+def usable_cpus():
+    """The CPUs this process may run on: its affinity, lowered by a container's CPU quota
+    (cgroup v2 cpu.max). os.cpu_count() counts the host's, which in a container can be 30x more."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 def _cut_point(text):
     """Where text can be cut so both sides tokenize exactly as the whole: right after a newline
     between two non-space characters (GPT-2's pre-tokenizer splits there anyway). None if nowhere."""
@@ -241,7 +255,8 @@ def _content_key(data_paths):
 def tokenize_corpus(data_paths, path, progress=False):
     """Tokenizes documents (joined by <|endoftext|>) into a uint16 file at path, streaming: pieces
     of ~1 MiB go to a thread pool (tiktoken releases the GIL), results are written in order with
-    at most 2 pieces per core in flight, so memory does not grow with the corpus. Returns the count."""
+    at most 2 pieces per core (64 in all) in flight, so memory does not grow with the corpus.
+    Returns the count."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -251,7 +266,7 @@ def tokenize_corpus(data_paths, path, progress=False):
 
     def encode(piece):  # straight into a uint16 array: no Python int per token (memory stays flat)
         return tokenizer.encode_to_numpy(piece, disallowed_special=()).astype(np.uint16)
-    workers = os.cpu_count() or 1
+    workers = min(usable_cpus(), 32)
     eot = np.array([EOT_ID], dtype=np.uint16)
     count = 0
 
@@ -1567,6 +1582,7 @@ def train_config_from_args(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))  # not more threads than a container's CPUs
     try:
         if args.command == "train":
             train(train_config_from_args(args))
