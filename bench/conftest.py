@@ -1,8 +1,10 @@
 import os
 import sys
 
-# torch reads THP_MEM_ALLOC_ENABLE once, at import; gpt.py sets it only if torch is not imported yet
-THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+# Transparent huge pages for torch's CPU allocations, as `python gpt.py` runs (it sets this before
+# importing torch; torch reads it once, at import). Every candidate shares the setting, and
+# THP_MEM_ALLOC_ENABLE=0 benchmarks without.
+THP = os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
