@@ -311,6 +311,18 @@ def load_tokens(data_paths=None):
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
+def _peak_rss_mb():
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss does not
+    (a child of a 1.5 GB process reports 1.5 GB), so it is only the fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def prepare(data_paths, out_dir):
     """`gpt.py prepare`: tokenizes a large corpus once into out_dir (tokens.u16 + meta.json);
     `train --data out_dir` then maps it."""
@@ -319,9 +331,7 @@ def prepare(data_paths, out_dir):
     count = tokenize_corpus(data_paths, path, progress=True)
     meta = {"tokens": count, "sources": [os.path.abspath(p) for p in data_paths], "dtype": "uint16"}
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    import resource
-
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s, peak memory {peak_mb:.0f} MB); "
           f"train on them with --data {out_dir}")
 

@@ -64,4 +64,5 @@ def test_prepare_a_gigabyte_in_flat_memory(tmp_path, capsys):
     assert tokens[: len(head) - 1].tolist() == head[:-1]
     with capsys.disabled():  # the figure belongs in the CI log
         print(f"\nprepare: {size / 1e9:.2f} GB of text -> {len(tokens):,} tokens, peak RSS {peak_mb:.0f} MB")
-    assert peak_mb < 1500, f"peak memory {peak_mb:.0f} MB grows with the corpus"
+    # the text is 1,070 MB and its tokens 608 MB: holding either whole would break this bound
+    assert peak_mb < 600, f"peak memory {peak_mb:.0f} MB grows with the corpus"
