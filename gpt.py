@@ -417,6 +417,7 @@ def load_extension():
     _register_attention()
     _register_cross_entropy()
     _register_sample()
+    _register_decode_block()
     _ext_registered = True
     return None
 
@@ -662,6 +663,34 @@ def _sample(logits, uniform, temperature, top_k, top_p):
     return sample_reference(logits, uniform, temperature, top_k, top_p)
 
 
+# --- decode step ---------------------------------------------------------------
+# Generating one token at batch 1 reads every weight once: the matrix-vector products take the
+# time the memory needs, and the ~20 small ops around them per block (dispatch, allocation, cold
+# caches) add ~15%. gpt::decode_block runs a whole block for one new token in one call; its
+# reference is Block.forward's own path (the torch backend), which the tests compare it with.
+
+def _register_decode_block():
+    @torch.library.register_fake("gpt::decode_block")
+    def _(x, weights, cache_k, cache_v, pos):
+        return torch.empty_like(x)
+
+
+def _decode_block_ok(x, block):
+    """The fused decode step applies: ext backend, CPU float32, inference (no dropout, no grad)."""
+    return (BACKEND == "ext" and x.device.type == "cpu" and x.dtype == torch.float32 and x.size(1) == 1
+            and not block.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
+def decode_block(block, x, kv_cache, pos):
+    """Block.forward(x, kv_cache, pos) for x (B, 1, C) as one gpt::decode_block call."""
+    a, m = block.attn, block.mlp
+    weights = [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight,
+               a.c_attn.bias if a.c_attn.bias is not None else x.new_empty(0), a.c_proj.weight, a.c_proj.bias,
+               block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+    B, _, C = x.shape
+    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), weights, *kv_cache, pos).view(B, 1, C)
+
+
 # ----------------------------------------------------------------------------
 # Model: GPT-2 (learned positions, pre-LayerNorm blocks, tanh-GELU MLP, tied LM head).
 
@@ -751,6 +780,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, pos=0):
+        if kv_cache is not None and pos > 0 and _decode_block_ok(x, self):  # one new token: one fused call
+            return decode_block(self, x, kv_cache, pos)
         x = x + self.attn(self.ln_1(x), kv_cache, pos)
         return x + self.mlp(self.ln_2(x))
 

@@ -1,7 +1,7 @@
 // Schemas of the fused ops, one place for all of them. Each op has a CPU kernel in
-// csrc/cpu/<op>.cpp and a CUDA kernel in csrc/cuda/<op>.cu registered under the same
-// name; gpt.py holds the pure-torch reference of each, with its fake (shape) function
-// and autograd formula beside it.
+// csrc/cpu/<op>.cpp and (but decode_block) a CUDA kernel in csrc/cuda/<op>.cu registered
+// under the same name; gpt.py holds the pure-torch reference of each, with its fake (shape)
+// function and autograd formula beside it.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -28,4 +28,9 @@ TORCH_LIBRARY(gpt, m) {
   // One next token per row of logits (B, V) float32: top-k, temperature, top-p, then an
   // inverse-CDF draw with uniform (B,) float64. Returns (B,) int64.
   m.def("sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) -> Tensor");
+  // One GPT-2 block for one new token per row (generation's decode step, CPU only): x (B, C)
+  // float32 at position pos -> the block's output (B, C); writes this token's keys and values
+  // into cache_k/v (B, H, L, D) at pos. weights: ln_1 w, b; c_attn w, b (empty: no bias);
+  // attn.c_proj w, b; ln_2 w, b; c_fc w, b; mlp.c_proj w, b (nn.Linear layout, (out, in)).
+  m.def("decode_block(Tensor x, Tensor[] weights, Tensor(a!) cache_k, Tensor(b!) cache_v, int pos) -> Tensor");
 }
