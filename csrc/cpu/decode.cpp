@@ -13,8 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -22,6 +22,7 @@
 
 namespace {
 
+// a . b over n floats.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 float dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
