@@ -5,8 +5,8 @@ Candidates (one group): gpt.generate (KV cache) on the ext and torch backends, t
 llms_from_scratch.ch05.generate (no cache: re-runs the whole context every token), and Hugging
 Face's GPT2LMHeadModel.generate (KV cache). extra_info holds tokens_per_s and ms_per_token (median
 round), tokens_per_s_best (fastest round), and a memory-bandwidth floor measured before every
-round: copy_GBps (read + write of a 512 MB fp32 copy), ideal_ms_per_token (every weight read once per token, fp32, tied head once, at that
-bandwidth) and x_floor = the median over rounds of (ms/token) / (that round's ideal).
+round: copy_GBps (read + write of a 512 MB fp32 copy), ideal_ms_per_token (every weight read
+once per token, fp32, tied head once, at that bandwidth) and x_floor = the median over rounds of (ms/token) / (that round's ideal).
 
     pytest bench/bench_generate.py --benchmark-only
 

@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -25,7 +24,6 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Floats per online-softmax block (8 KiB, in L1 when a block must be redone).
 constexpr int64_t kBlock = 2048;
-
 
 // Exponent headroom of the block sums: a block is summed as exp(x - ref) with ref the running
 // reference, which only moves up when a block max exceeds it by more than this (exp(40) * kBlock

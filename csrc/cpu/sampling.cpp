@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,7 +27,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // the rare blocks that hold a candidate.
 constexpr int64_t kScanBlock = 64;
 constexpr int64_t kSumBlock = 512;  // floats per partial sum of the draw
-
 
 static inline uint32_t float_bits(float f) {
   uint32_t u;
