@@ -342,7 +342,7 @@ def _parquet_documents(path):
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise GPTError(f"reading {path} needs pyarrow: `pip install pyarrow`") from None
+        raise GPTError(f"reading {path} needs pyarrow: `pip install pyarrow` (or gpt's [parquet] extra)") from None
     try:
         table = pyarrow.parquet.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as e:
@@ -368,10 +368,17 @@ VOCAB_SIZE = 50257  # GPT-2's token ids: 0 .. 50256 (<|endoftext|>)
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024
 
 
-def _token_file(path):
-    """A GPT-2 token file mapped in place (never read whole) after checks: llm.c's shard (its
-    header: magic, version, token count) or nanoGPT's flat uint16; every id below the vocabulary,
-    scanned in chunks."""
+def _token_chunks(path, offset, count=1 << 22):
+    """A token file's ids in chunks that are read, not mapped: memory stays flat however large it is."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while len(chunk := np.fromfile(f, dtype=np.uint16, count=count)):
+            yield chunk
+
+
+def _check_token_file(path):
+    """Where the tokens of a GPT-2 token file start, after checks: llm.c's shard (its header:
+    magic, version, token count) or nanoGPT's flat uint16; not empty; every id below the vocabulary."""
     try:
         size = os.path.getsize(path)
         header = np.fromfile(path, dtype="<i4", count=256)
@@ -397,15 +404,19 @@ def _token_file(path):
                        "give --data the text instead")
     if size == offset:
         raise GPTError(f"{path} is empty: remove it from --data")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=offset)
-    step = 1 << 24
-    for start in range(0, len(tokens), step):
-        chunk = tokens[start: start + step]
+    position = 0
+    for chunk in _token_chunks(path, offset):
         if chunk.max() >= VOCAB_SIZE:
             bad = int(np.argmax(chunk >= VOCAB_SIZE))
-            raise GPTError(f"{path} holds token id {chunk[bad]} at position {start + bad:,}, not below GPT-2's "
+            raise GPTError(f"{path} holds token id {chunk[bad]} at position {position + bad:,}, not below GPT-2's "
                            f"vocabulary of {VOCAB_SIZE:,}: it was not made with the GPT-2 tokenizer")
-    return tokens
+        position += len(chunk)
+    return offset
+
+
+def _token_file(path):
+    """A checked token file, mapped in place (never copied or read whole)."""
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=_check_token_file(path))
 
 
 def _stream(path):
@@ -413,9 +424,7 @@ def _stream(path):
     document (<|endoftext|>), and token arrays (copied as they are: token files carry their own)."""
     kind = _kind(path)
     if kind == "tokens":
-        tokens = _token_file(path)
-        for start in range(0, len(tokens), CHUNK_BYTES // 2):
-            yield tokens[start: start + CHUNK_BYTES // 2]
+        yield from _token_chunks(path, _check_token_file(path), CHUNK_BYTES // 2)
         return
     documents = {"text": lambda p: [_file_pieces(p)], "jsonl": _jsonl_documents, "parquet": _parquet_documents}
     for pieces in documents[kind](path):
@@ -1846,7 +1855,8 @@ def build_parser():
     for f in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
         if f.name == "data":
-            p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders of .txt")
+            p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                           help="files or folders: .txt, .jsonl/.json, .parquet, token .bin (default: Shakespeare)")
         elif f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
         else:
@@ -1862,7 +1872,8 @@ def build_parser():
     common.add_argument("--backend", default=None, choices=["auto", "ext", "torch"])
 
     p = sub.add_parser("prepare", help="tokenize a large corpus once, for train --data DIR")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="files or folders: .txt, .jsonl/.json, .parquet, token .bin")
     p.add_argument("--out_dir", required=True)
 
     p = sub.add_parser("sample", parents=[common], help="generate text")
