@@ -3,6 +3,7 @@ nanoGPT's and llm.c's token files; each gives the tokens its equivalent text giv
 file is one clear line."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -311,8 +312,6 @@ def test_bad_data_is_one_clear_line(name, message, tmp_path, capsys):
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpt: error: "), lines
-    import re
-
     assert re.search(message, lines[0]), lines[0]
     assert not os.path.exists(tmp_path / "out" / "tokens.u16")  # nothing half-written
 
@@ -322,3 +321,15 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "a.parquet").write_bytes(b"PAR1")
     with pytest.raises(gpt.GPTError, match=r"needs pyarrow: `pip install pyarrow`"):
         gpt.load_tokens([str(tmp_path / "a.parquet")])
+
+
+def test_train_on_a_prepared_corpus_and_text_says_use_it_alone(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text\n")
+    gpt.prepare([str(tmp_path / "a.txt")], str(tmp_path / "prepared"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        gpt.main(["train", "--data", str(tmp_path / "prepared"), str(tmp_path / "a.txt"), "--out_dir",
+                  str(tmp_path / "out"), "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert "is a prepared corpus (`gpt.py prepare`): a prepared corpus must be used alone as --data" in lines[0]
