@@ -1709,14 +1709,11 @@ def load_pretrained(path, **overrides):
                        f"{', '.join(list(sd)[:3])})")
     cfg = _config_from_weights(sd, config)
     cfg.update(overrides)
-    if "n_head" not in cfg:
-        raise GPTError(f"{path} does not say its head count (no config.json or hparams.json beside it, and "
-                       f"n_embd {cfg['n_embd']} is not a GPT-2 width): pass --n_head "
-                       "(GPT.from_pretrained(path, n_head=...))")
-    model = GPT(GPTConfig(**cfg))
     if cfg["tie_weights"]:
         sd.pop("lm_head.weight", None)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg["tie_weights"] and k == "lm_head.weight")}
+    with torch.device("meta"):  # names and shapes only, which do not depend on the head count
+        expected = GPT(GPTConfig(**{"n_head": 1, **cfg})).state_dict()
+    expected = {k: v.shape for k, v in expected.items() if not (cfg["tie_weights"] and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k])
@@ -1727,6 +1724,11 @@ def load_pretrained(path, **overrides):
                  f"wrong shape {shapes}" if wrong else ""]
         raise GPTError(f"{path} does not fit a GPT-2 of {cfg['n_layer']} layers x {cfg['n_embd']}: "
                        + "; ".join(p for p in parts if p))
+    if "n_head" not in cfg:
+        raise GPTError(f"{path} does not say its head count (no config.json or hparams.json beside it, and "
+                       f"n_embd {cfg['n_embd']} is not a GPT-2 width): pass --n_head "
+                       "(GPT.from_pretrained(path, n_head=...))")
+    model = GPT(GPTConfig(**cfg))
     model.load_state_dict(sd, strict=False)
     return model
 
