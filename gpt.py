@@ -1604,7 +1604,7 @@ def _read_weights(path):
             if os.path.exists(os.path.join(path, name)):
                 return _read_weights(os.path.join(path, name))
         raise GPTError(f"{path} has no model.safetensors, pytorch_model.bin or model.ckpt.index: point at a "
-                       "Hugging Face or OpenAI GPT-2 folder")
+                       "Hugging Face or OpenAI GPT-2 folder, or at a checkpoint file (e.g. out/best.pt)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -1697,6 +1697,15 @@ def _config_from_weights(sd, config):
     return cfg
 
 
+def _meta_gpt(cfg):
+    """A GPT without memory or initialization, for weights about to be assigned. (init "torch" skips the
+    GPT-2 init pass, which takes ~10 s on meta tensors; the config keeps the requested init.)"""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{**cfg, "init": "torch"}))
+    model.config.init = cfg.get("init", GPTConfig.init)
+    return model
+
+
 def load_pretrained(path, **overrides):
     """A GPT from any source --init_from takes (see README, "GPT-2 weights"). overrides (n_head, dropout,
     ...) replace what the weights and their config say; n_head is required where nothing says it."""
@@ -1711,8 +1720,7 @@ def load_pretrained(path, **overrides):
     cfg.update(overrides)
     if cfg["tie_weights"]:
         sd.pop("lm_head.weight", None)
-    with torch.device("meta"):  # names and shapes only, which do not depend on the head count
-        expected = GPT(GPTConfig(**{"n_head": 1, **cfg})).state_dict()
+    expected = _meta_gpt({"n_head": 1, **cfg}).state_dict()  # names and shapes do not depend on the head count
     expected = {k: v.shape for k, v in expected.items() if not (cfg["tie_weights"] and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -1728,8 +1736,10 @@ def load_pretrained(path, **overrides):
         raise GPTError(f"{path} does not say its head count (no config.json or hparams.json beside it, and "
                        f"n_embd {cfg['n_embd']} is not a GPT-2 width): pass --n_head "
                        "(GPT.from_pretrained(path, n_head=...))")
-    model = GPT(GPTConfig(**cfg))
-    model.load_state_dict(sd, strict=False)
+    model = _meta_gpt(cfg)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    if cfg["tie_weights"]:
+        model.lm_head.weight = model.wte.weight
     return model
 
 
