@@ -1,7 +1,8 @@
 // Schemas of the fused ops, one place for all of them. Each op has a CPU kernel in
 // csrc/cpu/<op>.cpp and (but decode_block) a CUDA kernel in csrc/cuda/<op>.cu registered
-// under the same name; gpt.py holds the pure-torch reference of each, with its fake (shape)
-// function and autograd formula beside it.
+// under the same name; gpt.KERNELS lists each op with its devices (load, CI and tests read it).
+// gpt.py holds the pure-torch reference of each, with its fake (shape) function and autograd
+// formula beside it.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -69,7 +69,7 @@ __device__ double block_exclusive_scan(double v, double* scratch) {
 
 // p of logit v: exp((v - m) / T) when v is kept by top-k (v >= kth), else 0.
 __device__ __forceinline__ float prob(float v, float m, float T, float kth) {
-  return v >= kth ? __expf((v - m) / T) : 0.0f;
+  return v >= kth ? expf((v - m) / T) : 0.0f;  // accurate: a subnormal p still counts as kept
 }
 
 // The k-th largest logit of the row (k >= 1): 4 passes of 8 bits, most significant first; each
