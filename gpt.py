@@ -572,12 +572,15 @@ def cross_entropy_reference(logits, targets):
 
 def _register_cross_entropy():
     @torch.library.register_fake("gpt::cross_entropy_loss")
-    def _(logits, targets):
+    def _(logits, targets, check_targets=True):
         return logits.new_empty(logits.shape[:1])
 
     @torch.library.register_fake("gpt::cross_entropy_loss_grad_")
-    def _(logits, targets, grad_scale):
+    def _(logits, targets, grad_scale, check_targets=True):
         return logits.new_empty(logits.shape[:1])
+
+# gpt's own calls pass check_targets=False: on a GPU the op's target check is a host read per call
+# (16 per step through linear+CE); a bad target then trips a device-side assert, as in F.cross_entropy.
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -589,7 +592,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, inplace):
         n_valid, ctx.inv_n = _count_valid(targets)
         grad = logits if inplace else logits.clone()
-        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, ctx.inv_n or 1.0)
+        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, ctx.inv_n or 1.0, False)
         ctx.save_for_backward(grad, n_valid)
         return rows.sum() / n_valid  # nan when every target is ignored, as F.cross_entropy
 
@@ -631,7 +634,7 @@ def cross_entropy(logits, targets, inplace=False):
     if torch.is_grad_enabled() and logits2d.requires_grad:
         private_copy = logits2d.data_ptr() != logits.data_ptr()  # .float() or .contiguous() copied
         return _FusedCrossEntropy.apply(logits2d, targets1d, inplace or private_copy)
-    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d).sum() / (targets1d != -100).sum()
+    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d, False).sum() / (targets1d != -100).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -648,7 +651,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[s: s + chunk_rows], targets[s: s + chunk_rows]
             logits = h_chunk @ weight.t()
-            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, ctx.inv_n or 1.0).sum()
+            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, ctx.inv_n or 1.0, False).sum()
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s: s + chunk_rows])
             if grad_w is not None:
@@ -673,8 +676,8 @@ def linear_cross_entropy(h, weight, targets, chunk_rows=512):
     with torch.autocast(h.device.type, enabled=False):  # the kernel takes float32 logits
         if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h2d, weight, targets1d, chunk_rows)
-        rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows])
-                for s in range(0, h2d.size(0), chunk_rows)]
+        rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows],
+                                                 False) for s in range(0, h2d.size(0), chunk_rows)]
     return torch.cat(rows).sum() / (targets1d != -100).sum()
 
 
@@ -763,7 +766,8 @@ _kernel_choice = {}  # device type -> {kernel: "ext" or "torch"}
 # Timing shapes per device type: one training-size call of each kernel, small enough for a CPU's
 # check to stay well under a second.
 _TIMING_SHAPES = {
-    "cpu": {"attention": (1, 2, 256, 64), "cross_entropy": (32, 50257), "sample": (1, 50257, [(0.8, 50, 0.95)]), "decode": (768, 12)},
+    "cpu": {"attention": (1, 2, 256, 64), "cross_entropy": (32, 50257), "sample": (1, 50257, [(0.8, 50, 0.95)]),
+            "decode": (768, 12)},
     "cuda": {"attention": (8, 12, 1024, 64), "cross_entropy": (2048, 50257), "sample": (8, 50257, [(0.8, 50, 0.95)])},
 }
 

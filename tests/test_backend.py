@@ -79,7 +79,7 @@ def test_wrong_kernel_is_refused(fresh_check, monkeypatch, capsys):
 def test_slow_kernel_is_not_chosen(fresh_check, monkeypatch, capsys):
     def slow(real):
         def op(*args):
-            time.sleep(0.05)
+            time.sleep(0.25)  # several times the torch path at the timing shape
             return real(*args)
         return op
     plant(monkeypatch, "cross_entropy_loss_grad_", slow)

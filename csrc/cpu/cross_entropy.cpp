@@ -107,7 +107,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const cha
 // Rows handed to a thread at a time: about 64K floats of work.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
-at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets) {
+at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets, bool /*check_targets*/) {
   check_inputs(logits, targets, "cross_entropy_loss");
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options());
@@ -131,7 +131,8 @@ at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& ta
   return loss;
 }
 
-at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale) {
+at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
+                                       bool /*check_targets: always, it costs nothing here*/) {
   check_inputs(logits, targets, "cross_entropy_loss_grad_");
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options());

@@ -51,6 +51,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   float* x = logits + row * V;
   const int64_t t = targets[row];
+  if (t != -100 && (t < 0 || t >= V)) {  // unchecked by the host (check_targets false): never a silent read
+    CUDA_KERNEL_ASSERT(false && "cross_entropy: a target is outside [0, V) and is not -100");
+    if (threadIdx.x == 0) loss[row] = NAN;
+    return;
+  }
   if (t == -100) {  // the whole block takes this branch
     if (write_grad)
       for (int64_t j = threadIdx.x; j < V; j += blockDim.x) x[j] = 0.0f;
@@ -87,7 +92,7 @@ __global__ void first_bad_target_kernel(const int64_t* targets, int64_t N, int64
   }
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets, bool check_targets, const char* op) {
   TORCH_CHECK(logits.is_cuda() && targets.is_cuda() && logits.device() == targets.device(), op,
               ": expects CUDA tensors on one device");
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
@@ -97,7 +102,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const cha
               ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
               targets.scalar_type());
   const int64_t N = logits.size(0), V = logits.size(1);
-  if (N == 0) return;
+  if (N == 0 || !check_targets) return;
   const c10::cuda::CUDAGuard guard(logits.device());
   // Two small launches and one read of 8 bytes: the price of a clear error, before anything is
   // written, instead of a device assert that poisons the CUDA context.
@@ -113,8 +118,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const cha
 }
 
 at::Tensor launch(at::Tensor& logits, const at::Tensor& targets, double grad_scale, bool write_grad,
-                  const char* op) {
-  check_inputs(logits, targets, op);
+                  bool check_targets, const char* op) {
+  check_inputs(logits, targets, check_targets, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options());
@@ -127,13 +132,14 @@ at::Tensor launch(at::Tensor& logits, const at::Tensor& targets, double grad_sca
   return loss;
 }
 
-at::Tensor cross_entropy_loss_cuda(const at::Tensor& logits, const at::Tensor& targets) {
+at::Tensor cross_entropy_loss_cuda(const at::Tensor& logits, const at::Tensor& targets, bool check_targets) {
   at::Tensor x = logits;  // read only: write_grad is false
-  return launch(x, targets, 1.0, false, "cross_entropy_loss");
+  return launch(x, targets, 1.0, false, check_targets, "cross_entropy_loss");
 }
 
-at::Tensor cross_entropy_loss_grad_cuda(at::Tensor& logits, const at::Tensor& targets, double grad_scale) {
-  return launch(logits, targets, grad_scale, true, "cross_entropy_loss_grad_");
+at::Tensor cross_entropy_loss_grad_cuda(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
+                                        bool check_targets) {
+  return launch(logits, targets, grad_scale, true, check_targets, "cross_entropy_loss_grad_");
 }
 
 }  // namespace
