@@ -394,9 +394,11 @@ class TokenWindows:
 
 # ----------------------------------------------------------------------------
 # Fused kernels: each op's pure-torch reference (the fallback) sits above the registration of
-# its gpt_ext custom op (csrc/), and a dispatcher picks one by BACKEND.
+# its gpt_ext custom op (csrc/), and a dispatcher picks one by BACKEND and, under auto, by the
+# check each kernel passes on first use of a device (the end of this section).
 
-BACKEND = "auto"  # "auto" (each kernel checked on first use of a device), "ext" or "torch": use_backend()
+# "auto" (gpt_ext where it loads and passes its check), "ext" (forced) or "torch": use_backend()
+BACKEND = os.environ.get("GPT_BACKEND") or "auto"
 
 # The fused kernels: name -> (its gpt_ext ops, the devices gpt_ext has them for). load_extension
 # checks the build registered each, .ci/run checks the CUDA build, the tests cover each.
