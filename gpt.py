@@ -770,7 +770,7 @@ _kernel_choice = {}  # device type -> {kernel: "ext" or "torch"}
 _TIMING_SHAPES = {
     "cpu": {"attention": (1, 2, 256, 64), "cross_entropy": (32, 50257), "sample": (1, 50257, [(0.8, 50, 0.95)]),
             "decode": (768, 12)},
-    "cuda": {"attention": (8, 12, 1024, 64), "cross_entropy": (2048, 50257), "sample": (8, 50257, [(0.8, 50, 0.95)])},
+    "cuda": {"attention": (4, 12, 1024, 64), "cross_entropy": (2048, 50257), "sample": (8, 50257, [(0.8, 50, 0.95)])},
 }
 
 
