@@ -765,8 +765,8 @@ def decode_block(block, x, kv_cache, pos):
 
 _kernel_choice = {}  # device type -> {kernel: "ext" or "torch"}
 
-# Timing shapes per device type: one training-size call of each kernel, small enough for a CPU's
-# check to stay well under a second.
+# Timing shapes per device type: one training-size call of each kernel, small enough to keep a
+# CPU's whole check to about a second.
 _TIMING_SHAPES = {
     "cpu": {"attention": (1, 2, 256, 64), "cross_entropy": (32, 50257), "sample": (1, 50257, [(0.8, 50, 0.95)]),
             "decode": (768, 12)},
@@ -909,6 +909,7 @@ def check_kernel(kernel, device):
 
 
 def device_name(device):
+    """The GPU's or the CPU's model name, as the kernel-check cache and its line name the device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:

@@ -14,6 +14,8 @@
 
 #include <algorithm>
 
+#include "../checks.h"
+
 namespace {
 
 constexpr int kThreads = 512;
@@ -95,12 +97,7 @@ __global__ void first_bad_target_kernel(const int64_t* targets, int64_t N, int64
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets, bool check_targets, const char* op) {
   TORCH_CHECK(logits.is_cuda() && targets.is_cuda() && logits.device() == targets.device(), op,
               ": expects CUDA tensors on one device");
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
-              ": logits must be a contiguous (N, V) float32 tensor, got ", logits.sizes(), " ",
-              logits.scalar_type());
-  TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0), op,
-              ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
-              targets.scalar_type());
+  check_cross_entropy_shapes(logits, targets, op);
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0 || !check_targets) return;
   const c10::cuda::CUDAGuard guard(logits.device());
