@@ -680,6 +680,10 @@ def _register_decode_block():
     def _(x, weight, scale, bias):
         return x.new_empty(x.size(0), weight.size(0))
 
+    @torch.library.register_fake("gpt::dequantize_int8")
+    def _(q, scale):
+        return q.new_empty(q.shape, dtype=torch.bfloat16)
+
     @torch.library.register_fake("gpt::quantize_int8")
     def _(w):
         return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.size(0), -(-w.size(1) // QBLOCK), dtype=torch.half)
@@ -776,6 +780,13 @@ def dequantize_weight(stored, scale):
     return stored.float() * scale.float().repeat_interleave(QBLOCK, dim=-1)[..., : stored.size(-1)]
 
 
+def dequantize_bfloat16(q, scale):
+    """An int8 weight as the bfloat16 matrix the prompt's GEMM reads (one rounding of q * scale)."""
+    if _ext_device_ok(q) and q.device.type == "cpu":  # one pass, no float32 copy of the matrix
+        return torch.ops.gpt.dequantize_int8(q, scale)
+    return dequantize_weight(q, scale).bfloat16()
+
+
 class QuantizedLinear(nn.Module):
     """nn.Linear with its weight stored by quantize_weight (the bias stays float32). `weight` is
     the dequantized float32 matrix, for code that reads nn.Linear's (the evaluation loss)."""
@@ -794,7 +805,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x):
         x2d = x.reshape(-1, x.size(-1))
         if x2d.size(0) > _FEW_ROWS:  # the prompt: one bfloat16 GEMM
-            w = self.qweight if self.qweight.dtype == torch.bfloat16 else self.weight.bfloat16()
+            w = self.qweight if self.qweight.dtype == torch.bfloat16 else dequantize_bfloat16(self.qweight, self.scale)
             y = F.linear(x2d.bfloat16(), w).float()
             y = y + self.bias if self.bias is not None else y
         elif _ext_device_ok(x) and x.device.type == "cpu" and not torch.is_grad_enabled():

@@ -41,4 +41,6 @@ TORCH_LIBRARY(gpt, m) {
   // w (N, K) float32 -> int8 q (N, K) and float16 scale (N, ceil(K / 32)), w ~= q * scale per
   // block of 32 along a row (gpt.quantize_weight's rule, bit for bit). CPU only.
   m.def("quantize_int8(Tensor w) -> (Tensor, Tensor)");
+  // The inverse, rounded once to bfloat16: q (N, K) int8, scale as above -> (N, K) bfloat16. CPU only.
+  m.def("dequantize_int8(Tensor q, Tensor scale) -> Tensor");
 }

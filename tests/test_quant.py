@@ -73,11 +73,20 @@ def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K,
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 33), (67, 85), (4, 768)])
+def test_dequantize_to_bfloat16_is_one_rounding(ext, N, K):
+    q, scale = gpt.quantize_weight(awkward_weight(N, K), "int8")
+    got = torch.ops.gpt.dequantize_int8(q, scale)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, gpt.dequantize_weight(q, scale).bfloat16())
+
+
 def test_opcheck_quantized_linear(ext):
     stored, scale = gpt.quantize_weight(awkward_weight(9, 40), "int8")
     torch.library.opcheck(torch.ops.gpt.quantized_linear.default, (torch.randn(3, 40), stored, scale, torch.randn(9)),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.gpt.quantize_int8.default, (torch.randn(9, 40),),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.gpt.dequantize_int8.default, (stored, scale),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -86,9 +86,9 @@ Matrix matrix(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bi
   } else {
     TORCH_CHECK(scale.numel() == 0, what, ": scales belong to int8 weights only");
   }
-  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N),
+  TORCH_CHECK(!bias.defined() || bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N),
               what, ": bias must be empty or a contiguous float32 (N,) tensor");
-  return {w.data_ptr(), kind == Kind::I8 ? scale.data_ptr<at::Half>() : nullptr, f32_or_null(bias), kind, N, K};
+  return {w.data_ptr(), kind == Kind::I8 ? scale.data_ptr<at::Half>() : nullptr, bias.defined() ? f32_or_null(bias) : nullptr, kind, N, K};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,10 +426,31 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& w) {
   return {q, scale};
 }
 
+// q (N, K) int8, scale (N, ceil(K / 32)) float16 -> the weight q * scale as bfloat16 (one rounding),
+// in one pass: what the prompt's bfloat16 GEMM reads, without float32 copies of the matrix.
+at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
+  const Matrix m = matrix(q, scale, at::Tensor(), "dequantize_int8");
+  TORCH_CHECK(m.kind == Kind::I8, "dequantize_int8: q must be int8");
+  const int64_t N = m.N, K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
+  at::Tensor out = at::empty({N, K}, q.options().dtype(at::kBFloat16));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  parallel_rows(N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t j = 0; j < K; j += QBLOCK) {
+        const float d = static_cast<float>(m.scale[r * nblk + j / QBLOCK]);
+        for (int64_t i = j; i < std::min(j + QBLOCK, K); i++)
+          op[r * K + i] = static_cast<at::BFloat16>(static_cast<float>(qp[r * K + i]) * d);
+      }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gpt, CPU, m) {
   m.impl("decode_block", &decode_block_cpu);
   m.impl("quantized_linear", &quantized_linear_cpu);
   m.impl("quantize_int8", &quantize_int8_cpu);
+  m.impl("dequantize_int8", &dequantize_int8_cpu);
 }
