@@ -1797,8 +1797,8 @@ def build_parser():
     p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--no_stream", action="store_true")
     p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="bfloat16",
-                   help="weights as stored for sampling (default bfloat16: half the bytes of float32, "
-                        "so ~2x faster; int8: ~3.5x; see README)")
+                   help="weights as stored for sampling (default bfloat16: half the bytes float32 reads per "
+                        "token; int8: ~27%%; see README)")
 
     p = sub.add_parser("eval", parents=[common], help="loss and perplexity on held-out text")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
