@@ -8,8 +8,9 @@ import torch
 import gpt
 
 
-def tiny_run(text_file, out_dir, **kw):
-    cfg = dict(data=[text_file], out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, block_size=32,
+def tiny_run(text_file, out_dir, dropout=0.0, **kw):
+    cfg = dict(data=[text_file], out_dir=str(out_dir), model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32,
+                                                                  dropout=dropout),
                batch_size=8, lr=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2, device="cpu")
     return gpt.TrainConfig(**{**cfg, **kw})
 
