@@ -1311,7 +1311,7 @@ def train(cfg, given=None):
     log(f"model: {model.num_params():,} parameters ({named + ', ' if named else ''}{c.n_layer} layers, "
         f"{c.n_embd} wide, context {c.block_size}) | kernels: {backend} | device: {device} | {len(tokens):,} tokens: "
         f"{len(train_loader.starts):,} train windows, "
-        + (f"{len(val_loader.starts):,} val windows" if val_loader else "no val split (--val_fraction 0): no val loss, "
+        + (f"{len(val_loader.starts):,} val windows" if val_loader else "no validation split (--val_fraction 0): "
            "best.pt has the lowest train loss") + f" | {total_steps} steps" + (f" | {world} processes" if world > 1 else ""))
 
     batches, stop = train_batches(train_loader, state), []
