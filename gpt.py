@@ -962,8 +962,6 @@ def validate_train_config(cfg):
         raise GPTError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
     if cfg.dtype not in DTYPES:
         raise GPTError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.resume and cfg.overwrite:
-        raise GPTError("--resume continues the run in --out_dir and --overwrite removes it: pass one")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -1168,6 +1166,8 @@ def build_model(cfg):
 def start_run(cfg, given, log):
     """(config, model, TrainState, checkpoint or None): a new run, or with --resume the run in out_dir,
     its config updated by the settings named in `given` (see resumed_config)."""
+    if cfg.resume and cfg.overwrite:
+        raise GPTError("--resume continues the run in --out_dir and --overwrite removes it: pass one")
     if not cfg.resume:
         validate_train_config(cfg)
         cfg = dataclasses.replace(cfg, data=[os.path.abspath(p) for p in cfg.data] if cfg.data else None)
