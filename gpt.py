@@ -1165,9 +1165,12 @@ def build_model(cfg):
 
 def start_run(cfg, given, log):
     """(config, model, TrainState, checkpoint or None): a new run, or with --resume the run in out_dir,
-    its config updated by the settings named in `given` (see resumed_config)."""
+    its config updated by the settings named in `given` (see resumed_config; None = those that differ
+    from TrainConfig's defaults)."""
     if cfg.resume and cfg.overwrite:
         raise GPTError("--resume continues the run in --out_dir and --overwrite removes it: pass one")
+    if given is None:
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
     if not cfg.resume:
         validate_train_config(cfg)
         cfg = dataclasses.replace(cfg, data=[os.path.abspath(p) for p in cfg.data] if cfg.data else None)
@@ -1193,6 +1196,13 @@ def build_loaders(cfg, block_size, rank, world):
         raise GPTError(f"the training split has {len(train_loader.starts)} windows, fewer than one step of "
                        f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}: lower --batch_size")
     return tokens, train_loader, val_loader
+
+
+def describe_model(model, cfg):
+    c = model.config
+    named = cfg.init_from or (cfg.preset if not cfg.model else None)  # a preset's name only if it is the preset
+    return (f"{model.num_params():,} parameters ({named + ', ' if named else ''}{c.n_layer} layers, {c.n_embd} wide, "
+            f"context {c.block_size})")
 
 
 def train_batches(loader, state):
@@ -1236,6 +1246,12 @@ def evaluate(model, run_model, train_loader, val_loader, cfg, device, autocast, 
     return train_loss, val_loss, token_ids_to_text(out[0])
 
 
+def eval_report(state, train_loss, val_loss, improved, sample):
+    val = f"val loss {val_loss:.3f} (ppl {perplexity(val_loss):,.1f}) | " if val_loss is not None else ""
+    return (f"step {state.step:5d} | train loss {train_loss:.3f} (ppl {perplexity(train_loss):,.1f}) | {val}"
+            f"tokens {state.tokens_seen:,}{'' if improved else ' | no better'}\n      sample: {printable(sample)}")
+
+
 def printable(text):
     """One line: newlines as ' | ', other control characters escaped (a sample must not drive the terminal)."""
     text = text.replace("\n", " | ")
@@ -1271,15 +1287,12 @@ def init_distributed(device):
 
 
 def train(cfg, given=None):
-    """Trains per cfg (a TrainConfig); returns the history of evaluations. With cfg.resume, the run in
-    cfg.out_dir continues: its checkpoint's config, with the settings named in `given` (default: those
-    that differ from TrainConfig's defaults) taken from cfg. Under torchrun, runs data-parallel: each
-    rank takes every world_size-th batch, rank 0 alone prints and saves. SIGTERM saves and returns;
-    SIGINT (Ctrl-C) saves and raises KeyboardInterrupt."""
+    """Trains per cfg (a TrainConfig); returns the history of evaluations. cfg.resume continues the run
+    in cfg.out_dir (see start_run). Under torchrun, runs data-parallel: each rank takes every world_size-th
+    batch, rank 0 alone prints and saves. SIGTERM saves and returns; SIGINT (Ctrl-C) saves and raises
+    KeyboardInterrupt."""
     from tqdm import tqdm
 
-    if given is None:
-        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
     torch.manual_seed(cfg.seed)
     rank, world, device = init_distributed(pick_device(cfg.device))
     master = rank == 0
@@ -1302,14 +1315,9 @@ def train(cfg, given=None):
         torch.manual_seed(cfg.seed + 7919 * rank + state.step)
     run_model = torch.compile(model) if cfg.compile else model
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        run_model = DistributedDataParallel(run_model)
+        run_model = torch.nn.parallel.DistributedDataParallel(run_model)
     start_ids = text_to_token_ids(cfg.start).to(device)
-    c = model.config
-    named = cfg.init_from or (cfg.preset if not cfg.model else None)  # a preset's name only if it is the preset
-    log(f"model: {model.num_params():,} parameters ({named + ', ' if named else ''}{c.n_layer} layers, "
-        f"{c.n_embd} wide, context {c.block_size}) | kernels: {backend} | device: {device} | {len(tokens):,} tokens: "
+    log(f"model: {describe_model(model, cfg)} | kernels: {backend} | device: {device} | {len(tokens):,} tokens: "
         f"{len(train_loader.starts):,} train windows, "
         + (f"{len(val_loader.starts):,} val windows" if val_loader else "no validation split (--val_fraction 0): "
            "best.pt has the lowest train loss") + f" | {total_steps} steps" + (f" | {world} processes" if world > 1 else ""))
@@ -1360,9 +1368,7 @@ def train(cfg, given=None):
                 train_loss, val_loss, sample = evaluate(model, run_model, train_loader, val_loader, cfg, device,
                                                         autocast, start_ids)
                 improved = state.record_eval(train_loss, val_loss)
-                val = f"val loss {val_loss:.3f} (ppl {perplexity(val_loss):,.1f}) | " if val_loader else ""
-                log(f"step {state.step:5d} | train loss {train_loss:.3f} (ppl {perplexity(train_loss):,.1f}) | "
-                    f"{val}tokens {state.tokens_seen:,}{'' if improved else ' | no better'}\n      sample: {printable(sample)}")
+                log(eval_report(state, train_loss, val_loss, improved, sample))
                 if master:
                     save_run_checkpoint(cfg.out_dir, checkpoint_of(model, optimizer, cfg, state), improved)
                     plot_losses(state.history, os.path.join(cfg.out_dir, "losses.png"))

@@ -68,6 +68,49 @@ def test_sigterm_saves_and_exits_cleanly(text_file, tmp_path):
     assert 1 < step < 120
 
 
+def test_ctrl_c_saves_and_exits_130(text_file, tmp_path):
+    proc = subprocess.Popen(train_args(text_file, tmp_path, "--eval_interval", "1000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not gpt.checkpoints_in(tmp_path) and time.time() < deadline:  # training has started
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped by signal 2" in stdout and "gpt: interrupted" in stderr, stderr
+    step = gpt.load_checkpoint(gpt.checkpoints_in(tmp_path)[0])["step"]
+    assert "Traceback" not in stderr and f"stopped by signal 2 at step {step};" in stdout and step < 120
+
+
+def test_sigkill_after_an_epoch_boundary_and_a_longer_max_iters(text_file, tmp_path):
+    """A run of exactly one epoch, resumed from its boundary with a larger --max_iters, killed -9
+    in the next epoch and resumed again, ends bit for bit as one uninterrupted run of that length
+    (a constant learning rate: a cosine schedule would stretch with --max_iters)."""
+    train_tokens, _ = gpt.split_tokens(gpt.load_tokens([text_file]), 32, 0.1)
+    per_epoch = len(gpt.TokenWindows(train_tokens, 32, 32, 8))
+    total = str(per_epoch + 30)
+    subprocess.run(train_args(text_file, tmp_path / "ref", "--schedule", "constant", "--max_iters", total),
+                   check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    subprocess.run(train_args(text_file, out, "--schedule", "constant", "--max_iters", str(per_epoch)),
+                   check=True, capture_output=True, timeout=600)
+    boundary = gpt.load_checkpoint(gpt.checkpoints_in(out)[0])
+    assert (boundary["step"], boundary["epoch"], boundary["batch_in_epoch"]) == (per_epoch, 0, per_epoch)
+    proc = subprocess.Popen(train_args(text_file, out, "--max_iters", total, "--resume"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while proc.poll() is None and gpt.checkpoints_in(out)[0].endswith(f"{per_epoch:08d}.pt") and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # just past a checkpoint in the second epoch
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()
+    subprocess.run(train_args(text_file, out, "--max_iters", total, "--resume"), check=True, capture_output=True,
+                   timeout=600)
+    reference, resumed = (gpt.load_checkpoint(gpt.checkpoints_in(d)[0]) for d in (tmp_path / "ref", out))
+    assert resumed["step"] == reference["step"] == int(total) and resumed["epoch"] == 1
+    for name, tensor in reference["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(text_file, tmp_path):
     subprocess.run(train_args(text_file, tmp_path, "--max_iters", "8"), check=True, capture_output=True)
     newest, previous = gpt.checkpoints_in(tmp_path)
