@@ -16,6 +16,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -1258,6 +1259,14 @@ def printable(text):
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def compile_model(model):
+    """torch.compile(model). The fused losses count their targets with int(...), where torch.compile
+    breaks the graph and runs the op eagerly, as meant: that one expected 20-line warning is dropped."""
+    logging.getLogger("torch._dynamo.variables.tensor").addFilter(
+        lambda record: "(targets != -100)" not in record.getMessage())
+    return torch.compile(model)
+
+
 @contextlib.contextmanager
 def signals_stop(stop):
     """SIGINT and SIGTERM append to `stop` instead of killing: the loop finishes its step, saves, ends."""
@@ -1313,7 +1322,7 @@ def train(cfg, given=None):
         restore_rng(checkpoint, device)
     if rank > 0:  # its own dropout masks: 7919, a prime, keeps ranks' seeds apart for runs shorter than that
         torch.manual_seed(cfg.seed + 7919 * rank + state.step)
-    run_model = torch.compile(model) if cfg.compile else model
+    run_model = compile_model(model) if cfg.compile else model
     if world > 1:
         run_model = torch.nn.parallel.DistributedDataParallel(run_model)
     start_ids = text_to_token_ids(cfg.start).to(device)

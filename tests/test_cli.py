@@ -124,6 +124,11 @@ def test_first_of_several_samples_is_the_single_sample(trained):
     assert three.startswith(one) and len(texts) == 3 and len(set(texts)) == 3  # seeds 7, 8, 9
 
 
+def test_compile_prints_no_warning_about_our_own_graph_break(text_file, tmp_path):
+    proc = run("train", "--data", text_file, "--out_dir", tmp_path, "--max_iters", 2, "--compile", *TINY)
+    assert "Graph break" not in proc.stderr and "done: 2 steps" in proc.stdout, proc.stderr
+
+
 BAD = [  # (arguments, what the one-line error must mention)
     (["train", "--batch_size", "0"], "--batch_size must be a positive"),
     (["train", "--max_iters", "-3"], "--max_iters must be a positive"),
