@@ -54,32 +54,29 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(text_file, tmp_p
         assert torch.equal(tensor, resumed[name]), name
 
 
-def test_sigterm_saves_and_exits_cleanly(text_file, tmp_path):
-    proc = subprocess.Popen(train_args(text_file, tmp_path, "--eval_interval", "1000"),
+def train_then_signal(text_file, out_dir, signum):
+    """Starts a run, sends signum 2 s after its first checkpoint: (exit code, stdout, stderr, saved step)."""
+    proc = subprocess.Popen(train_args(text_file, out_dir, "--eval_interval", "1000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not gpt.checkpoints_in(tmp_path) and time.time() < deadline:  # training has started
+    while not gpt.checkpoints_in(out_dir) and time.time() < deadline:  # training has started
         time.sleep(0.05)
     time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "stopped by signal" in stdout
-    step = gpt.load_checkpoint(gpt.checkpoints_in(tmp_path)[0])["step"]
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stdout, stderr, gpt.load_checkpoint(gpt.checkpoints_in(out_dir)[0])["step"]
+
+
+def test_sigterm_saves_and_exits_cleanly(text_file, tmp_path):
+    code, stdout, _, step = train_then_signal(text_file, tmp_path, signal.SIGTERM)
+    assert code == 0 and "stopped by signal" in stdout
     assert 1 < step < 120
 
 
 def test_ctrl_c_saves_and_exits_130(text_file, tmp_path):
-    proc = subprocess.Popen(train_args(text_file, tmp_path, "--eval_interval", "1000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not gpt.checkpoints_in(tmp_path) and time.time() < deadline:  # training has started
-        time.sleep(0.05)
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "stopped by signal 2" in stdout and "gpt: interrupted" in stderr, stderr
-    step = gpt.load_checkpoint(gpt.checkpoints_in(tmp_path)[0])["step"]
-    assert "Traceback" not in stderr and f"stopped by signal 2 at step {step};" in stdout and step < 120
+    code, stdout, stderr, step = train_then_signal(text_file, tmp_path, signal.SIGINT)
+    assert code == 130 and f"stopped by signal 2 at step {step};" in stdout and step < 120
+    assert stderr.strip().splitlines()[-1] == "gpt: interrupted" and "Traceback" not in stderr
 
 
 def test_sigkill_after_an_epoch_boundary_and_a_longer_max_iters(text_file, tmp_path):
