@@ -1093,24 +1093,52 @@ def model_from_checkpoint(state):
 RUN_OUTPUTS = ("best.pt", "losses.png")  # besides ckpt-*.pt
 
 
-def claim_out_dir(cfg):
-    """Makes out_dir, checks it is writable and that a new run does not mix with an earlier one:
-    its checkpoints are an error unless --resume, or --overwrite (which removes them first)."""
+def _flock_holder(path):
+    """The pid holding a flock on path, read from Linux's /proc/locks ("?" where there is none)."""
+    st = os.stat(path)
+    device, inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)
+    try:
+        with open("/proc/locks") as f:
+            for fields in map(str.split, f):  # "1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF"
+                if fields[1] == "FLOCK" and fields[5].rsplit(":", 1) == [device, inode]:
+                    return fields[4]
+    except (OSError, IndexError):
+        pass
+    return "?"
+
+
+@contextlib.contextmanager
+def run_folder(cfg):
+    """Holds out_dir for this run. An advisory lock on the folder (the OS drops it when the process
+    ends, even by kill -9) refuses a second train into it; sample and eval still read. A new run
+    refuses a folder with an earlier run's checkpoints unless --resume, or --overwrite (which
+    removes them first)."""
+    import fcntl
+
     out_dir = cfg.out_dir
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=out_dir).close()
+        folder = os.open(out_dir, os.O_RDONLY)
     except OSError as e:
         raise GPTError(f"--out_dir {out_dir} is not writable ({e.strerror}): choose another folder") from None
-    earlier = checkpoints_in(out_dir) + [p for p in (os.path.join(out_dir, "best.pt"),) if os.path.exists(p)]
-    if cfg.resume or not earlier:
-        return
-    if not cfg.overwrite:
-        raise GPTError(f"{out_dir} holds another run ({', '.join(map(os.path.basename, earlier[:3]))}): continue "
-                       "it with --resume, replace it with --overwrite, or choose a new --out_dir")
-    for path in checkpoints_in(out_dir) + [os.path.join(out_dir, name) for name in RUN_OUTPUTS]:
-        if os.path.exists(path):
-            os.remove(path)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise GPTError(f"{out_dir} is in use by another train (pid {_flock_holder(out_dir)}): wait for it or "
+                           "stop it, or choose another --out_dir") from None
+        earlier = checkpoints_in(out_dir) + [p for p in (os.path.join(out_dir, "best.pt"),) if os.path.exists(p)]
+        if earlier and not cfg.resume and not cfg.overwrite:
+            raise GPTError(f"{out_dir} holds another run ({', '.join(map(os.path.basename, earlier[:3]))}): "
+                           "continue it with --resume, replace it with --overwrite, or choose a new --out_dir")
+        if earlier and not cfg.resume:
+            for path in checkpoints_in(out_dir) + [os.path.join(out_dir, name) for name in RUN_OUTPUTS]:
+                if os.path.exists(path):
+                    os.remove(path)
+        yield
+    finally:
+        os.close(folder)  # and with it the lock
 
 
 # What a resumed run keeps from its checkpoint: a different value is an error (the model and the
@@ -1137,7 +1165,8 @@ def resumed_config(cfg, checkpoint, given, log):
         if new == old or name in RUN_PLACE:
             continue
         if name in RUN_IDENTITY:
-            what = ", ".join(f"--{k} {v}" for k, v in new.items() if old[k] != v) if name == "model" else f"--{name} {new}"
+            what = (", ".join(f"--{k} {v}" for k, v in new.items() if old[k] != v) if name == "model"
+                    else f"--{name} {new}")
             raise GPTError(f"{what} differs from the run being resumed ({old}): --resume keeps a run's model and "
                            "data; to change them start a new run from it: --init_from "
                            f"{os.path.join(cfg.out_dir, 'best.pt')} --out_dir NEW_DIR")
@@ -1221,8 +1250,9 @@ def checkpoint_of(model, optimizer, cfg, state):
     rng = {"torch": torch.get_rng_state()}
     if model.wte.weight.is_cuda:
         rng["cuda"] = torch.cuda.get_rng_state()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(model.config),
-            "train_config": dataclasses.asdict(cfg), **dataclasses.asdict(state), "rng": rng}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": dataclasses.asdict(model.config), "train_config": dataclasses.asdict(cfg),
+            **dataclasses.asdict(state), "rng": rng}
 
 
 def restore_rng(checkpoint, device):
@@ -1309,8 +1339,6 @@ def train(cfg, given=None):
     backend = use_backend(cfg.backend)
     device_type = device.split(":")[0]  # "cuda:1" -> "cuda", as autocast and AdamW take it
     cfg, model, state, checkpoint = start_run(cfg, given, log)
-    if master:
-        claim_out_dir(cfg)
     model.to(device)
     tokens, train_loader, val_loader = build_loaders(cfg, model.config.block_size, rank, world)
     total_steps = cfg.max_iters or cfg.epochs * (len(train_loader) // cfg.grad_accum)
@@ -1329,13 +1357,15 @@ def train(cfg, given=None):
     log(f"model: {describe_model(model, cfg)} | kernels: {backend} | device: {device} | {len(tokens):,} tokens: "
         f"{len(train_loader.starts):,} train windows, "
         + (f"{len(val_loader.starts):,} val windows" if val_loader else "no validation split (--val_fraction 0): "
-           "best.pt has the lowest train loss") + f" | {total_steps} steps" + (f" | {world} processes" if world > 1 else ""))
+           "best.pt has the lowest train loss")
+        + f" | {total_steps} steps" + (f" | {world} processes" if world > 1 else ""))
 
     batches, stop = train_batches(train_loader, state), []
     model.train()
     t0, tokens_t0 = time.time(), state.tokens_seen
-    with signals_stop(stop), tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                                  disable=None if master else True) as bar:
+    with run_folder(cfg) if master else contextlib.nullcontext(), signals_stop(stop), \
+            tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                 disable=None if master else True) as bar:
         while state.step < total_steps:
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(state.step, total_steps, cfg)
@@ -1395,7 +1425,8 @@ def train(cfg, given=None):
     if stop and stop[0] == signal.SIGINT:
         raise KeyboardInterrupt  # Ctrl-C: the CLI exits 130, as an interrupted command does
     elapsed, trained = time.time() - t0, state.tokens_seen - tokens_t0
-    log(f"done: {state.step} steps, {trained:,} tokens in {elapsed:.0f}s ({trained / max(elapsed, 1e-9):,.0f} tokens/s); "
+    log(f"done: {state.step} steps, {trained:,} tokens in {elapsed:.0f}s "
+        f"({trained / max(elapsed, 1e-9):,.0f} tokens/s); "
         f"best {'val' if val_loader else 'train'} loss {state.best_val:.3f} (ppl {perplexity(state.best_val):,.1f}); "
         f"checkpoints and losses.png in {cfg.out_dir}")
     return state.history

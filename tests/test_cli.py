@@ -157,7 +157,7 @@ BAD = [  # (arguments, what the one-line error must mention)
     (["frobnicate"], "invalid choice"),
     (["frobnicate"], "(see `python gpt.py --help`)"),
     (["sample", "--top_k", "many"], "(see `python gpt.py sample --help`)"),
-    (["train", "--out_dir", "{out}"], "holds another run"),
+    (["train", "--out_dir", "{out}", "--data", "{out}/../play.txt"], "holds another run"),
     (["train", "--resume", "--overwrite"], "pass one"),
     (["train", "--resume", "--out_dir", "{out}", "--n_layer", "4"], "--n_layer 4 differs from the run being resumed"),
     (["train", "--resume", "--out_dir", "{out}", "--batch_size", "8"], "--batch_size 8 differs"),

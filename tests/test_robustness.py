@@ -108,6 +108,24 @@ def test_sigkill_after_an_epoch_boundary_and_a_longer_max_iters(text_file, tmp_p
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
+def test_one_train_per_out_dir_while_sample_reads(text_file, tmp_path):
+    first = subprocess.Popen(train_args(text_file, tmp_path, "--max_iters", "100000", "--eval_interval", "5"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (gpt.checkpoints_in(tmp_path) and (tmp_path / "best.pt").exists()) and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(train_args(text_file, tmp_path, "--resume"), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and f"in use by another train (pid {first.pid})" in second.stderr, second.stderr
+    sample = subprocess.run([sys.executable, GPT, "sample", "--out_dir", tmp_path, "--max_new_tokens", "3",
+                             "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0 and first.poll() is None, sample.stderr  # read while the first still trains
+    first.kill()  # SIGKILL: the OS drops the lock with the process
+    first.wait()
+    step = gpt.load_checkpoint(gpt.checkpoints_in(tmp_path)[0])["step"]
+    subprocess.run(train_args(text_file, tmp_path, "--resume", "--max_iters", str(step + 1)), check=True,
+                   capture_output=True, timeout=300)
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(text_file, tmp_path):
     subprocess.run(train_args(text_file, tmp_path, "--max_iters", "8"), check=True, capture_output=True)
     newest, previous = gpt.checkpoints_in(tmp_path)
