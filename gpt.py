@@ -925,6 +925,7 @@ class TrainConfig:
     dtype: str = "float32"
     compile: bool = False
     backend: str = None  # None = $GPT_BACKEND or auto
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to out_dir/tensorboard (pip install tensorboard)
 
 
 TRAIN_PRESETS = {
@@ -1090,7 +1091,54 @@ def model_from_checkpoint(state):
 
 # --- a run: its folder, config, model and data -------------------------------------
 
-RUN_OUTPUTS = ("best.pt", "losses.png")  # besides ckpt-*.pt
+RUN_OUTPUTS = ("best.pt", "losses.png", "metrics.jsonl")  # besides ckpt-*.pt
+
+
+class MetricsLog:
+    """metrics.jsonl in out_dir: one JSON object per optimizer step (loss, lr, grad_norm, tokens_per_s,
+    elapsed: seconds since this process started training) and per evaluation (train/val loss and
+    perplexity; val null without a split), appended and flushed as they come. A run starting at
+    `step` (0, or a resumed checkpoint's) first drops what lies past it, so after a kill -9 and
+    --resume no step is missing or repeated. tensorboard=True writes the same scalars to
+    out_dir/tensorboard. MetricsLog(None) writes nothing."""
+
+    def __init__(self, out_dir, step=0, tensorboard=False):
+        self.file = self.board = None
+        if out_dir is None:
+            return
+        path, kept = os.path.join(out_dir, "metrics.jsonl"), []
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] > step:
+                            break
+                    except (ValueError, KeyError):  # a line torn by a kill
+                        break
+                    kept.append(line)
+        atomic_write(path, lambda f: f.writelines(kept))
+        self.file = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise GPTError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.board = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=step + 1)
+
+    def write(self, **record):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step" and value is not None:
+                    self.board.add_scalar(name, value, record["step"])
+
+    def close(self):
+        for sink in (self.file, self.board):
+            if sink is not None:
+                sink.close()
 
 
 def _flock_holder(path):
@@ -1108,13 +1156,16 @@ def _flock_holder(path):
 
 
 @contextlib.contextmanager
-def run_folder(cfg):
-    """Holds out_dir for this run. An advisory lock on the folder (the OS drops it when the process
-    ends, even by kill -9) refuses a second train into it; sample and eval still read. A new run
-    refuses a folder with an earlier run's checkpoints unless --resume, or --overwrite (which
-    removes them first)."""
+def run_folder(cfg, step, master=True):
+    """Holds out_dir for this run and yields its MetricsLog (one that writes nothing on ranks > 0).
+    An advisory lock on the folder (the OS drops it when the process ends, even by kill -9) refuses
+    a second train into it; sample and eval still read. A new run refuses a folder with an earlier
+    run's checkpoints unless --resume, or --overwrite (which removes them first)."""
     import fcntl
 
+    if not master:
+        yield MetricsLog(None)
+        return
     out_dir = cfg.out_dir
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -1136,7 +1187,11 @@ def run_folder(cfg):
             for path in checkpoints_in(out_dir) + [os.path.join(out_dir, name) for name in RUN_OUTPUTS]:
                 if os.path.exists(path):
                     os.remove(path)
-        yield
+        metrics = MetricsLog(out_dir, step, cfg.tensorboard)
+        try:
+            yield metrics
+        finally:
+            metrics.close()
     finally:
         os.close(folder)  # and with it the lock
 
@@ -1145,7 +1200,7 @@ def run_folder(cfg):
 # data order would no longer be the run's). Where it runs (out_dir, device, ...) changes quietly;
 # anything else (max_iters, epochs, eval_interval, patience, lr, ...) changes with one printed line.
 RUN_IDENTITY = ("preset", "init_from", "model", "data", "val_fraction", "stride", "batch_size", "grad_accum", "seed")
-RUN_PLACE = ("out_dir", "resume", "overwrite", "device", "backend", "compile")
+RUN_PLACE = ("out_dir", "resume", "overwrite", "device", "backend", "compile", "tensorboard")
 
 
 def resumed_config(cfg, checkpoint, given, log):
@@ -1363,12 +1418,13 @@ def train(cfg, given=None):
     batches, stop = train_batches(train_loader, state), []
     model.train()
     t0, tokens_t0 = time.time(), state.tokens_seen
-    with run_folder(cfg) if master else contextlib.nullcontext(), signals_stop(stop), \
+    with run_folder(cfg, state.step, master) as metrics, signals_stop(stop), \
             tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                  disable=None if master else True) as bar:
         while state.step < total_steps:
+            lr = get_lr(state.step, total_steps, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = get_lr(state.step, total_steps, cfg)
+                group["lr"] = lr
             optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers: no fresh page faults
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
@@ -1393,9 +1449,12 @@ def train(cfg, given=None):
                 scaler.step(optimizer)
                 scaler.update()
                 state.step += 1
+                elapsed = time.time() - t0
+                speed = (state.tokens_seen - tokens_t0) / elapsed
+                metrics.write(step=state.step, tokens=state.tokens_seen, loss=loss_sum, lr=lr,
+                              grad_norm=float(grad_norm), tokens_per_s=speed, elapsed=elapsed)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}",
-                                tok_s=f"{(state.tokens_seen - tokens_t0) / (time.time() - t0):,.0f}")
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{speed:,.0f}")
             elif cfg.skip_nonfinite:
                 log(f"step {state.step}: non-finite loss or gradient, batch skipped")
                 optimizer.zero_grad(set_to_none=True)
@@ -1408,6 +1467,8 @@ def train(cfg, given=None):
                                                         autocast, start_ids)
                 improved = state.record_eval(train_loss, val_loss)
                 log(eval_report(state, train_loss, val_loss, improved, sample))
+                metrics.write(step=state.step, tokens=state.tokens_seen, train_loss=train_loss, val_loss=val_loss,
+                              train_ppl=perplexity(train_loss), val_ppl=val_loss and perplexity(val_loss))
                 if master:
                     save_run_checkpoint(cfg.out_dir, checkpoint_of(model, optimizer, cfg, state), improved)
                     plot_losses(state.history, os.path.join(cfg.out_dir, "losses.png"))

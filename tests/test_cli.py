@@ -1,4 +1,5 @@
 """The command line, run as a user runs it: subprocesses, exit codes, one-line errors."""
+import importlib.util
 import os
 import signal
 import subprocess
@@ -33,7 +34,7 @@ def test_train_prints_losses_perplexity_and_a_sample(trained):
     assert "kernels:" in proc.stdout
     assert "parameters (1 layers, 32 wide, context 32)" in proc.stdout  # sizes given: no preset's name
     assert proc.stdout.count("| val loss") == 2 and "ppl" in proc.stdout and "sample: ROMEO:" in proc.stdout
-    assert sorted(os.listdir(out)) == ["best.pt", "ckpt-00000001.pt", "ckpt-00000003.pt", "losses.png"]
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt-00000001.pt", "ckpt-00000003.pt", "losses.png", "metrics.jsonl"]
 
 
 def test_eval_prints_loss_and_perplexity(trained):
@@ -165,7 +166,8 @@ BAD = [  # (arguments, what the one-line error must mention)
     (["train", "--init_from", "{tmp}/hf", "--n_layer", "2"], "cannot change a model loaded with --init_from"),
     (["sample", "--prompt", "hi", "--prompt_file", "{tmp}/short.txt"], "--prompt and --prompt_file"),
     (["eval", "--out_dir", "{out}", "--data", "{tmp}/short.txt"], "too few for one window"),
-]
+] + ([(["train", "--tensorboard", "--data", "{out}/../play.txt", "--out_dir", "{tmp}/tb", "--max_iters", "1"],
+       "pip install tensorboard")] if importlib.util.find_spec("tensorboard") is None else [])
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])

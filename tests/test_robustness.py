@@ -1,4 +1,5 @@
 """Nothing lost: SIGKILL at any moment, SIGTERM, corrupt checkpoints, pickled code."""
+import json
 import os
 import pickle
 import random
@@ -106,6 +107,15 @@ def test_sigkill_after_an_epoch_boundary_and_a_longer_max_iters(text_file, tmp_p
     assert resumed["step"] == reference["step"] == int(total) and resumed["epoch"] == 1
     for name, tensor in reference["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+    # metrics.jsonl: every step once, in order, with the uninterrupted run's losses; evals in order
+    steps, evals = {}, {}
+    for name in ("ref", "killed"):
+        records = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        steps[name] = [(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r]
+        evals[name] = [r["step"] for r in records if "train_loss" in r]
+    assert [s for s, _, _ in steps["killed"]] == list(range(1, int(total) + 1))
+    assert steps["killed"] == steps["ref"]
+    assert evals["killed"] == sorted(set(evals["killed"])) and set(evals["ref"]) <= set(evals["killed"])
 
 
 def test_one_train_per_out_dir_while_sample_reads(text_file, tmp_path):

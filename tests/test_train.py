@@ -1,4 +1,5 @@
 import glob
+import json
 import math
 import os
 import signal
@@ -147,7 +148,8 @@ def test_resume_restores_the_run_and_says_what_changed(tmp_path, shakespeare_tex
     assert run["data"] == [os.path.abspath(path)] and run["batch_size"] == 4 and run["val_fraction"] == 0.2
     assert run["lr"] == 5e-3 and state["config"]["n_layer"] == 1 and state["tokens_seen"] == 3 * 4 * 16
     for change, what in [(dict(model=dict(n_layer=4)), "--n_layer 4"), (dict(batch_size=8), "--batch_size 8"),
-                         (dict(data=[str(tmp_path / "other.txt")]), "--data"), (dict(val_fraction=0.3), "--val_fraction")]:
+                         (dict(data=[str(tmp_path / "other.txt")]), "--data"),
+                         (dict(val_fraction=0.3), "--val_fraction")]:
         with pytest.raises(gpt.GPTError, match=what + ".* differs from the run being resumed"):
             gpt.train(gpt.TrainConfig(out_dir=str(out), resume=True, device="cpu", **change))
 
@@ -159,7 +161,8 @@ def test_a_run_folder_holds_one_run(tmp_path, shakespeare_text):
     with pytest.raises(gpt.GPTError, match="holds another run .*--resume.*--overwrite"):
         gpt.train(short_run(path, tmp_path, max_iters=1))
     gpt.train(short_run(path, tmp_path, max_iters=1, overwrite=True))  # the old run's files go first
-    assert sorted(os.listdir(tmp_path)) == ["best.pt", "ckpt-00000001.pt", "losses.png", "short.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "ckpt-00000001.pt", "losses.png", "metrics.jsonl", "short.txt"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 1]  # a step, an eval
     assert gpt.load_checkpoint(tmp_path / "best.pt")["run_id"] not in ("", first)
 
 
@@ -174,7 +177,8 @@ def test_rotation_keeps_this_runs_newest_and_never_touches_another_run(tmp_path)
 def test_no_val_split_means_no_val_numbers(text_file, tmp_path, capsys):
     history = gpt.train(tiny_run(text_file, tmp_path, max_iters=12, val_fraction=0.0, eval_interval=5))
     printed = capsys.readouterr().out
-    assert "val loss" not in printed and "no validation split (--val_fraction 0)" in printed and "best train loss" in printed
+    assert "val loss" not in printed and "no validation split (--val_fraction 0)" in printed
+    assert "best train loss" in printed
     assert all(math.isnan(v) for v in history["val_loss"])
     assert gpt.load_checkpoint(tmp_path / "best.pt")["best_val"] == min(history["train_loss"])
 
