@@ -1179,7 +1179,8 @@ def run_folder(cfg, step, master=True):
         except OSError:
             raise GPTError(f"{out_dir} is in use by another train (pid {_flock_holder(out_dir)}): wait for it or "
                            "stop it, or choose another --out_dir") from None
-        earlier = checkpoints_in(out_dir) + [p for p in (os.path.join(out_dir, "best.pt"),) if os.path.exists(p)]
+        best = os.path.join(out_dir, "best.pt")
+        earlier = checkpoints_in(out_dir) + ([best] if os.path.exists(best) else [])
         if earlier and not cfg.resume and not cfg.overwrite:
             raise GPTError(f"{out_dir} holds another run ({', '.join(map(os.path.basename, earlier[:3]))}): "
                            "continue it with --resume, replace it with --overwrite, or choose a new --out_dir")
@@ -1255,7 +1256,8 @@ def start_run(cfg, given, log):
     if cfg.resume and cfg.overwrite:
         raise GPTError("--resume continues the run in --out_dir and --overwrite removes it: pass one")
     if given is None:
-        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
+        defaults = TrainConfig()
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     if not cfg.resume:
         validate_train_config(cfg)
         cfg = dataclasses.replace(cfg, data=[os.path.abspath(p) for p in cfg.data] if cfg.data else None)
