@@ -1106,7 +1106,7 @@ class MetricsLog:
         self.file = self.board = None
         if out_dir is None:
             return
-        path, kept = os.path.join(out_dir, "metrics.jsonl"), []
+        path, kept = os.path.join(out_dir, "metrics.jsonl"), 0  # bytes
         if os.path.exists(path):
             with open(path, "rb") as f:
                 for line in f:
@@ -1115,8 +1115,8 @@ class MetricsLog:
                             break
                     except (ValueError, KeyError):  # a line torn by a kill
                         break
-                    kept.append(line)
-        atomic_write(path, lambda f: f.writelines(kept))
+                    kept += len(line)
+            os.truncate(path, kept)
         self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
