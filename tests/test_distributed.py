@@ -35,7 +35,8 @@ def test_two_processes_train_save_once_and_resume(text_file, tmp_path):
     history = gpt.load_checkpoint(tmp_path / "out" / "ckpt-00000030.pt")["history"]
     assert history["val_loss"][-1] < history["val_loss"][0] - 1.0
     assert history["tokens"][-1] == 30 * 2 * 4 * 32  # both ranks' batches count
-    assert sorted(os.listdir(tmp_path / "out")) == ["best.pt", "ckpt-00000016.pt", "ckpt-00000030.pt", "losses.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["best.pt", "ckpt-00000016.pt", "ckpt-00000030.pt", "losses.png",
+                                                    "metrics.jsonl"]
     out = torchrun(*map(str, args), "--max_iters", "35", "--resume")
     assert "resuming from" in out and "step    35" in out
     assert gpt.load_checkpoint(tmp_path / "out" / "ckpt-00000035.pt")["step"] == 35

@@ -406,3 +406,12 @@ def test_generate_leaves_model_mode_and_grad_alone(backend):
     prompt = torch.randint(VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
     out = gpt.generate(model, prompt, 3)
     assert not out.requires_grad and not model.training
+
+
+def test_one_generator_per_row_draws_as_each_row_alone():
+    logits = torch.randn(1, 50257, generator=torch.Generator().manual_seed(0)).repeat(3, 1)
+    rows = gpt.sample_next_token(logits, 0.8, 50, 0.9, [torch.Generator().manual_seed(7 + i) for i in range(3)])
+    alone = [gpt.sample_next_token(logits[:1], 0.8, 50, 0.9, torch.Generator().manual_seed(7 + i)) for i in range(3)]
+    assert torch.equal(rows, torch.cat(alone)) and len(set(rows.flatten().tolist())) > 1
+    with pytest.raises(ValueError, match="one per row"):
+        gpt.sample_next_token(logits, 0.8, None, None, [torch.Generator()])

@@ -1,6 +1,9 @@
 import glob
+import json
 import math
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -8,8 +11,9 @@ import torch
 import gpt
 
 
-def tiny_run(text_file, out_dir, **kw):
-    cfg = dict(data=[text_file], out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, block_size=32,
+def tiny_run(text_file, out_dir, dropout=0.0, **kw):
+    cfg = dict(data=[text_file], out_dir=str(out_dir), model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32,
+                                                                  dropout=dropout),
                batch_size=8, lr=3e-3, warmup_iters=2, eval_interval=10, eval_iters=2, device="cpu")
     return gpt.TrainConfig(**{**cfg, **kw})
 
@@ -66,3 +70,118 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(text_file, tmp_path, m
     calls["n"] = 0
     history = gpt.train(tiny_run(text_file, tmp_path / "skip", max_iters=8, eval_interval=100, skip_nonfinite=True))
     assert history["step"][-1] == 8 and all(math.isfinite(v) for v in history["train_loss"])
+
+
+def test_skip_nonfinite_still_stops_on_sigterm(text_file, tmp_path, monkeypatch):
+    """Every batch NaN under --skip_nonfinite: no step is ever taken, yet SIGTERM still ends the run."""
+    calls = {"n": 0}
+
+    def nan_loss(x, y, model, device):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert calls["n"] < 50, "SIGTERM was swallowed: the loop never checked for it"
+        return model(x.to(device), y.to(device)) * float("nan")
+
+    monkeypatch.setattr(gpt, "calc_loss_batch", nan_loss)
+    history = gpt.train(tiny_run(text_file, tmp_path, max_iters=8, skip_nonfinite=True))
+    assert calls["n"] == 3 and history["step"] == []
+    assert gpt.load_checkpoint(gpt.checkpoints_in(tmp_path)[0])["step"] == 0  # saved where it stood
+
+
+def short_epoch_file(tmp_path, shakespeare_text):
+    """A corpus whose training split holds exactly 3 batches of 4 windows of 16 tokens."""
+    path = tmp_path / "short.txt"
+    path.write_text(shakespeare_text[:800], encoding="utf-8")
+    train_tokens, _ = gpt.split_tokens(gpt.load_tokens([str(path)]), 16, 0.1)
+    assert len(gpt.TokenWindows(train_tokens, 16, 16, 4)) == 3
+    return str(path)
+
+
+def short_run(path, out_dir, **kw):
+    short = dict(model=dict(n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.1), batch_size=4,
+                 schedule="constant", eval_interval=100)
+    return tiny_run(path, out_dir, **{**short, **kw})
+
+
+def assert_same_run(a, b):
+    a, b = (gpt.load_checkpoint(gpt.checkpoints_in(d)[0]) for d in (a, b))
+    assert (a["step"], a["epoch"], a["batch_in_epoch"]) == (b["step"], b["epoch"], b["batch_in_epoch"])
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 4], ids=["first batch", "last batch", "on the boundary", "next epoch"])
+def test_resume_at_every_position_of_a_short_epoch(tmp_path, shakespeare_text, stop):
+    """A run stopped after `stop` steps (3 per epoch) and resumed with a larger --max_iters ends
+    bit for bit where one uninterrupted run does (stopping on the boundary raised StopIteration)."""
+    path = short_epoch_file(tmp_path, shakespeare_text)
+    gpt.train(short_run(path, tmp_path / "whole", max_iters=7))
+    gpt.train(short_run(path, tmp_path / "parts", max_iters=stop))
+    gpt.train(gpt.TrainConfig(out_dir=str(tmp_path / "parts"), resume=True, max_iters=7, device="cpu"))
+    assert_same_run(tmp_path / "whole", tmp_path / "parts")
+
+
+def test_resume_on_an_epoch_boundary_with_more_epochs(tmp_path, shakespeare_text):
+    path = short_epoch_file(tmp_path, shakespeare_text)
+    gpt.train(short_run(path, tmp_path / "whole", max_iters=None, epochs=2))
+    gpt.train(short_run(path, tmp_path / "parts", max_iters=None, epochs=1))
+    gpt.train(gpt.TrainConfig(out_dir=str(tmp_path / "parts"), resume=True, max_iters=None, epochs=2, device="cpu"))
+    assert_same_run(tmp_path / "whole", tmp_path / "parts")
+    assert gpt.load_checkpoint(gpt.checkpoints_in(tmp_path / "parts")[0])["step"] == 6
+
+
+def test_resume_restores_the_run_and_says_what_changed(tmp_path, shakespeare_text, capsys):
+    """--resume takes corpus, batch size, val fraction and model from the checkpoint; a changed
+    max_iters or lr is taken and said in one line; a changed model or data setting is refused."""
+    path = short_epoch_file(tmp_path, shakespeare_text)
+    out = tmp_path / "run"
+    gpt.train(short_run(path, out, max_iters=2, val_fraction=0.2))
+    capsys.readouterr()
+    gpt.train(gpt.TrainConfig(out_dir=str(out), resume=True, max_iters=3, lr=5e-3, device="cpu"))
+    printed = capsys.readouterr().out
+    assert "--resume with changes: lr 0.003 -> 0.005, max_iters 2 -> 3" in printed and "schedule" in printed
+    state = gpt.load_checkpoint(gpt.checkpoints_in(out)[0])
+    run = state["train_config"]
+    assert run["data"] == [os.path.abspath(path)] and run["batch_size"] == 4 and run["val_fraction"] == 0.2
+    assert run["lr"] == 5e-3 and state["config"]["n_layer"] == 1 and state["tokens_seen"] == 3 * 4 * 16
+    for change, what in [(dict(model=dict(n_layer=4)), "--n_layer 4"), (dict(batch_size=8), "--batch_size 8"),
+                         (dict(data=[str(tmp_path / "other.txt")]), "--data"),
+                         (dict(val_fraction=0.3), "--val_fraction")]:
+        with pytest.raises(gpt.GPTError, match=what + ".* differs from the run being resumed"):
+            gpt.train(gpt.TrainConfig(out_dir=str(out), resume=True, device="cpu", **change))
+
+
+def test_a_run_folder_holds_one_run(tmp_path, shakespeare_text):
+    path = short_epoch_file(tmp_path, shakespeare_text)
+    gpt.train(short_run(path, tmp_path, max_iters=4, eval_interval=2))
+    first = gpt.load_checkpoint(tmp_path / "best.pt")["run_id"]
+    with pytest.raises(gpt.GPTError, match="holds another run .*--resume.*--overwrite"):
+        gpt.train(short_run(path, tmp_path, max_iters=1))
+    gpt.train(short_run(path, tmp_path, max_iters=1, overwrite=True))  # the old run's files go first
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "ckpt-00000001.pt", "losses.png", "metrics.jsonl", "short.txt"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 1]  # a step, an eval
+    assert gpt.load_checkpoint(tmp_path / "best.pt")["run_id"] not in ("", first)
+
+
+def test_rotation_keeps_this_runs_newest_and_never_touches_another_run(tmp_path):
+    gpt.save_checkpoint(tmp_path / "ckpt-00000090.pt", {"run_id": "other", "step": 90})
+    for step in (4, 5, 6, 3):  # resumed from step 2 after 4-6 were written: 3 is the newest
+        gpt.save_run_checkpoint(tmp_path, {"run_id": "mine", "step": step})
+        time.sleep(0.01)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000003.pt", "ckpt-00000006.pt", "ckpt-00000090.pt"]
+
+
+def test_no_val_split_means_no_val_numbers(text_file, tmp_path, capsys):
+    history = gpt.train(tiny_run(text_file, tmp_path, max_iters=12, val_fraction=0.0, eval_interval=5))
+    printed = capsys.readouterr().out
+    assert "val loss" not in printed and "no validation split (--val_fraction 0)" in printed
+    assert "best train loss" in printed
+    assert all(math.isnan(v) for v in history["val_loss"])
+    assert gpt.load_checkpoint(tmp_path / "best.pt")["best_val"] == min(history["train_loss"])
+
+
+def test_eval_samples_print_control_characters_escaped():
+    assert gpt.printable("a\x1b[31mb\r\nc\td\x00") == "a\\x1b[31mb\\r | c\\td\\x00"
