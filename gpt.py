@@ -489,7 +489,7 @@ def causal_attention_reference(q, k, v, dropout_p=0.0, seed=0):
 def _register_attention():
     @torch.library.register_fake("gpt::attention_forward")
     def _(q, k, v, dropout_p, seed):
-        return torch.empty_like(q), q.new_empty(q.shape[:-1])
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("gpt::attention_backward")
     def _(grad_out, q, k, v, out, lse, dropout_p, seed):
@@ -508,12 +508,12 @@ def _register_attention():
 
 
 def causal_attention(q, k, v, dropout_p=0.0, seed=0):
-    """Causal self-attention of q, k, v (B, H, T, D) with attention dropout (mask drawn from seed)."""
+    """Causal self-attention of q, k, v (B, H, T, D) with attention dropout (mask drawn from seed).
+    The CPU kernels take bf16 (autocast's) as it is, the CUDA kernels float32."""
     if _ext_device_ok(q):
-        dtype = q.dtype
-        out, _ = torch.ops.gpt.attention_forward(q.float().contiguous(), k.float().contiguous(),
-                                                 v.float().contiguous(), dropout_p, seed)
-        return out.to(dtype)
+        dtype = q.dtype if q.dtype == torch.bfloat16 and q.device.type == "cpu" else torch.float32
+        out, _ = torch.ops.gpt.attention_forward(*(t.to(dtype).contiguous() for t in (q, k, v)), dropout_p, seed)
+        return out.to(q.dtype)
     if dropout_p == 0:  # same math, PyTorch's flash kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return causal_attention_reference(q, k, v, dropout_p, seed)[0]
@@ -529,11 +529,16 @@ def cross_entropy_reference(logits, targets):
 def _register_cross_entropy():
     @torch.library.register_fake("gpt::cross_entropy_loss")
     def _(logits, targets):
-        return logits.new_empty(logits.shape[:1])
+        return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
     @torch.library.register_fake("gpt::cross_entropy_loss_grad_")
     def _(logits, targets, grad_scale):
-        return logits.new_empty(logits.shape[:1])
+        return logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+def _ce_dtype(t):
+    """The logits dtype the kernels take for t: bfloat16 as is on the CPU (statistics in float32), else float32."""
+    return torch.bfloat16 if t.dtype == torch.bfloat16 and t.device.type == "cpu" else torch.float32
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -563,13 +568,14 @@ def _scaled(grad, grad_loss):
 
 def cross_entropy(logits, targets, inplace=False):
     """Mean cross-entropy over targets that are not -100. With inplace=True (ext backend) the
-    gradient overwrites logits, which the caller must not use afterwards."""
+    gradient overwrites logits, which the caller must not use afterwards. bf16 logits (CPU) are
+    taken as they are; the loss is float32, the gradient bf16."""
     logits2d, targets1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     if not _ext_device_ok(logits):
         return F.cross_entropy(logits2d.float(), targets1d, ignore_index=-100)
-    logits2d = logits2d.float().contiguous()
+    logits2d = logits2d.to(_ce_dtype(logits2d)).contiguous()
     if torch.is_grad_enabled() and logits2d.requires_grad:
-        private_copy = logits2d.data_ptr() != logits.data_ptr()  # .float() or .contiguous() copied
+        private_copy = logits2d.data_ptr() != logits.data_ptr()  # .to() or .contiguous() copied
         return _FusedCrossEntropy.apply(logits2d, targets1d, inplace or private_copy)
     return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d).sum() / (targets1d != -100).sum()
 
@@ -577,13 +583,15 @@ def cross_entropy(logits, targets, inplace=False):
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ weight^T) against targets, chunked over rows so the N x V logits
     never exist at once (as Liger's FusedLinearCrossEntropy): each chunk's logits become their own
-    gradient in place, which the forward turns into grad_h and grad_weight right away."""
+    gradient in place, which the forward turns into grad_h and grad_weight right away. h and weight
+    come in the GEMMs' dtype (float32, or bfloat16 whose chunk GEMMs run at the bf16 rate; then
+    grad_weight sums the chunks in bf16, one rounding per chunk, and autograd widens it)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
         n_valid = int((targets != -100).sum())
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         loss = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[s: s + chunk_rows], targets[s: s + chunk_rows]
@@ -591,7 +599,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, 1.0 / max(n_valid, 1)).sum()
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s: s + chunk_rows])
-            if grad_w is not None:
+            if grad_w is not None and s == 0:  # the first chunk writes grad_w: no zeroing pass
+                torch.mm(logits.t(), h_chunk, out=grad_w)
+            elif grad_w is not None:
                 grad_w.addmm_(logits.t(), h_chunk)
         ctx.save_for_backward(grad_h, grad_w)
         return loss / n_valid
@@ -604,12 +614,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows=512):
-    """cross_entropy(h @ weight^T, targets) for final hidden states h (N, C) and the LM head (V, C)."""
+    """cross_entropy(h @ weight^T, targets) for final hidden states h (N, C) and the LM head (V, C).
+    Under bf16 autocast on the CPU the GEMMs run in bf16 (weight cast once per call, as autocast's
+    F.linear would), the log-softmax and its gradient in float32."""
     h2d, targets1d = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     if not _ext_device_ok(h):
         return F.cross_entropy(F.linear(h2d, weight).float(), targets1d, ignore_index=-100)
-    h2d, weight = h2d.float().contiguous(), weight.float()
-    with torch.autocast(h.device.type, enabled=False):  # the kernel takes float32 logits
+    dev = h.device.type
+    bf16 = h.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
+    dtype = torch.bfloat16 if bf16 and dev == "cpu" else torch.float32  # the CUDA kernel takes float32
+    h2d, weight = h2d.to(dtype).contiguous(), weight.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in `dtype`
         if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h2d, weight, targets1d, chunk_rows)
         rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows])
@@ -927,7 +942,7 @@ class TrainConfig:
     # system
     seed: int = 123
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 autocast where the hardware multiplies bf16 natively, else float32
     compile: bool = False
     backend: str = None  # None = $GPT_BACKEND or auto
 
@@ -936,7 +951,7 @@ TRAIN_PRESETS = {
     # chapter 5's run: GPT-124M, batch 2, 10 epochs, AdamW 4e-4 with decay 0.1 on all weights, no schedule
     "book": dict(batch_size=2, epochs=10, max_iters=None, lr=4e-4, schedule="constant", warmup_iters=0,
                  weight_decay=0.1, beta2=0.999, grad_clip=0.0, eval_interval=5, eval_iters=5,
-                 start="Every effort moves you"),
+                 start="Every effort moves you", dtype="float32"),
 }
 
 
@@ -966,11 +981,26 @@ def validate_train_config(cfg):
         raise GPTError(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.schedule not in ("cosine", "constant"):
         raise GPTError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
-    if cfg.dtype not in DTYPES:
-        raise GPTError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise GPTError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name, device):
+    """The autocast dtype of --dtype name on device, and why. 'auto' is bfloat16 where the hardware
+    multiplies bf16 natively (a CPU with AMX or AVX512-BF16, a GPU with bf16), else float32: emulated
+    bf16 matrix products are slower than float32 ones. Master weights and AdamW state stay float32."""
+    if name != "auto":
+        return name, "--dtype"
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", "auto: the GPU multiplies bf16 natively"
+        return "float32", "auto: the GPU has no native bf16"
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        return "bfloat16", "auto: the CPU multiplies bf16 natively (AMX or AVX512-BF16)"
+    return "float32", "auto: the CPU has no native bf16 (AMX or AVX512-BF16), emulated bf16 is slower"
 
 
 def pick_device(name):
@@ -1106,6 +1136,8 @@ def train(cfg):
     total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
 
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.split(":")[0])
+    dtype_name, dtype_why = pick_dtype(cfg.dtype, device)
+    cfg = dataclasses.replace(cfg, dtype=dtype_name)  # "auto" resolved; the checkpoint records what ran
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[cfg.dtype],
                               enabled=cfg.dtype != "float32")
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")
@@ -1132,7 +1164,7 @@ def train(cfg):
 
     say(f"model: {model.num_params():,} parameters ({cfg.preset if not cfg.init_from else cfg.init_from}, "
           f"{mcfg.n_layer} layers, {mcfg.n_embd} wide, context {mcfg.block_size}) | kernels: {backend} | "
-          f"device: {device} | {len(tokens):,} tokens: {len(train_loader.starts):,} train windows, "
+          f"device: {device}, {cfg.dtype} ({dtype_why}) | {len(tokens):,} tokens: {len(train_loader.starts):,} train windows, "
           f"{len(val_loader.starts):,} val windows | {total_steps} steps"
           + (f" | {world} processes" if world > 1 else ""))
 

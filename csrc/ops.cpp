@@ -12,15 +12,17 @@ extern "C" PyObject* PyInit_gpt_ext(void) {
 }
 
 TORCH_LIBRARY(gpt, m) {
-  // Causal softmax attention, flash-style. q, k, v: (B, H, T, D) float32 contiguous.
-  // out = dropout(softmax(q k^T / sqrt(D) + causal mask)) v; lse: (B, H, T) row log-sum-exp
-  // of the scaled scores (before dropout). The dropout mask is a hash of (seed, position),
+  // Causal softmax attention, flash-style. q, k, v: (B, H, T, D) contiguous, float32 (or, on
+  // the CPU, bfloat16: out and the gradients then bf16, the arithmetic float32).
+  // out = dropout(softmax(q k^T / sqrt(D) + causal mask)) v; lse: (B, H, T) float32 row
+  // log-sum-exp of the scaled scores (before dropout). The dropout mask is a hash of (seed, position),
   // regenerated in backward, never stored.
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float dropout_p, int seed) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
-  // Cross-entropy per row of logits (N, V) float32 with int64 targets (N,); rows whose
-  // target is -100 are ignored (loss 0). Returns the (N,) row losses.
+  // Cross-entropy per row of logits (N, V) float32 (or, on the CPU, bfloat16) with int64
+  // targets (N,); rows whose target is -100 are ignored (loss 0). Returns the (N,) float32
+  // row losses; the statistics are float32 for either dtype.
   m.def("cross_entropy_loss(Tensor logits, Tensor targets) -> Tensor");
   // Same, and in the same pass overwrites logits with grad_scale * (softmax - onehot)
   // (zero rows for ignored targets), as llm.c's fused classifier does.
