@@ -416,6 +416,7 @@ def load_extension():
             return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     _register_attention()
     _register_cross_entropy()
+    _register_dropout_add()
     _register_sample()
     _register_decode_block()
     _ext_registered = True
@@ -462,14 +463,19 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def attention_dropout_keep(seed, B, H, T, dropout_p, device=None):
-    """Keep-mask (B, H, T, T) of attention dropout: a counter-based hash of (seed, position), so
-    the kernels regenerate it in backward instead of storing it. Position n = ((b*H + h)*T + i)*T + j;
+def dropout_keep(seed, shape, dropout_p, device=None):
+    """Keep-mask of dropout over a tensor of `shape`: a counter-based hash of (seed, flat index n), so
+    the kernels regenerate it in backward instead of storing it.
     key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); keep iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24."""
-    n = torch.arange(B * H * T * T, device=device, dtype=torch.int64).view(B, H, T, T)
+    n = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
     key = _mix32(((n >> 32) + (((seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
     h = _mix32((n & 0xFFFFFFFF) ^ key)
     return (h >> 8) >= int(dropout_p * 16777216)
+
+
+def attention_dropout_keep(seed, B, H, T, dropout_p, device=None):
+    """Keep-mask (B, H, T, T) of attention dropout: position n = ((b*H + h)*T + i)*T + j."""
+    return dropout_keep(seed, (B, H, T, T), dropout_p, device)
 
 
 def causal_attention_reference(q, k, v, dropout_p=0.0, seed=0):
@@ -517,6 +523,49 @@ def causal_attention(q, k, v, dropout_p=0.0, seed=0):
     if dropout_p == 0:  # same math, PyTorch's flash kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return causal_attention_reference(q, k, v, dropout_p, seed)[0]
+
+
+# --- residual dropout ------------------------------------------------------------
+# x + dropout(y) for the residual branches: the mask is dropout_keep's hash of a seed, so the
+# kernel neither draws nor stores one, and the add, the scale and (under autocast) the bf16 -> fp32
+# widening of the branch happen in one pass.
+
+def dropout_add_reference(x, y, dropout_p, seed):
+    """x + y * keep / (1 - p), keep = dropout_keep(seed, y.shape, p): nn.Dropout's scaling."""
+    keep = dropout_keep(seed, y.shape, dropout_p, y.device)
+    return x + y.float() * keep / (1.0 - dropout_p)
+
+
+def _register_dropout_add():
+    @torch.library.register_fake("gpt::dropout_add")
+    def _(x, y, dropout_p, seed):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("gpt::dropout_backward")
+    def _(grad, dropout_p, seed, dtype):
+        return torch.empty_like(grad, dtype=dtype)
+
+    def setup_context(ctx, inputs, output):
+        _, y, ctx.dropout_p, ctx.seed = inputs
+        ctx.y_dtype = y.dtype
+
+    def backward(ctx, grad):
+        grad_y = torch.ops.gpt.dropout_backward(grad.contiguous(), ctx.dropout_p, ctx.seed, ctx.y_dtype)
+        return grad, grad_y, None, None
+
+    torch.library.register_autograd("gpt::dropout_add", backward, setup_context=setup_context)
+
+
+def dropout_add(x, y, dropout_p):
+    """x + dropout(y), the seed of the mask drawn from torch's RNG (so runs and resumes replay)."""
+    if dropout_p == 0:
+        return x + y
+    seed = int(torch.randint(2**31, (1,)))
+    fused_dtypes = (x.dtype, y.dtype) in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                           (torch.bfloat16, torch.bfloat16))
+    if _ext_device_ok(x) and x.device.type == "cpu" and fused_dtypes and x.shape == y.shape:
+        return torch.ops.gpt.dropout_add(x.contiguous(), y.contiguous(), dropout_p, seed)
+    return dropout_add_reference(x, y, dropout_p, seed).to(torch.promote_types(x.dtype, y.dtype))
 
 
 # --- cross-entropy -------------------------------------------------------------
@@ -752,8 +801,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # its dropout: Block's dropout_add
 
     def forward(self, x, kv_cache=None, pos=0):
         B, T, C = x.shape
@@ -767,23 +815,22 @@ class CausalSelfAttention(nn.Module):
                 mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
                 y = F.scaled_dot_product_attention(q, cache_k[:, :, : pos + T], cache_v[:, :, : pos + T],
                                                    attn_mask=mask)
-                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+                return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         dropout_p = self.dropout if self.training else 0.0
         # the dropout mask is a hash of this seed, drawn from torch's RNG so runs and resumes replay
         seed = int(torch.randint(2**31, (1,))) if dropout_p > 0 else 0
         y = causal_attention(q, k, v, dropout_p, seed)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)  # its dropout: Block's dropout_add
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -793,12 +840,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.dropout = config.dropout  # on both residual branches, fused with the residual add
 
     def forward(self, x, kv_cache=None, pos=0):
         if kv_cache is not None and pos > 0 and _decode_block_ok(x, self):  # one new token: one fused call
             return decode_block(self, x, kv_cache, pos)
-        x = x + self.attn(self.ln_1(x), kv_cache, pos)
-        return x + self.mlp(self.ln_2(x))
+        dropout_p = self.dropout if self.training else 0.0
+        x = dropout_add(x, self.attn(self.ln_1(x), kv_cache, pos), dropout_p)
+        return dropout_add(x, self.mlp(self.ln_2(x)), dropout_p)
 
 
 class GPT(nn.Module):

@@ -27,6 +27,11 @@ TORCH_LIBRARY(gpt, m) {
   // Same, and in the same pass overwrites logits with grad_scale * (softmax - onehot)
   // (zero rows for ignored targets), as llm.c's fused classifier does.
   m.def("cross_entropy_loss_grad_(Tensor(a!) logits, Tensor targets, float grad_scale) -> Tensor");
+  // The residual add with dropout on the branch (CPU): out = x + y * keep / (1 - p), keep the
+  // counter hash of (seed, flat index) as attention's; the gradient of y is dropout_backward's
+  // grad * keep / (1 - p) in y's dtype. float32 or bfloat16 tensors, float32 arithmetic.
+  m.def("dropout_add(Tensor x, Tensor y, float p, int seed) -> Tensor");
+  m.def("dropout_backward(Tensor grad, float p, int seed, ScalarType dtype) -> Tensor");
   // One next token per row of logits (B, V) float32: top-k, temperature, top-p, then an
   // inverse-CDF draw with uniform (B,) float64. Returns (B,) int64.
   m.def("sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) -> Tensor");

@@ -53,34 +53,7 @@ constexpr int64_t TILE = 64;  // query and key rows per block; a multiple of eve
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
-// ---------------------------------------------------------------------------------------------
-// Dropout mask: the same hash as gpt.attention_dropout_keep, bit for bit.
-
-GPT_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-struct Dropout {
-  bool on;
-  uint32_t threshold;  // keep iff (mix32(...) >> 8) >= threshold
-  float inv_keep;      // kept probabilities are scaled by 1 / (1 - p)
-  uint32_t seed_term;  // lo32(seed) * 0x9E3779B9, wrapping
-  Dropout(double p, int64_t seed)
-      : on(p > 0),
-        threshold(static_cast<uint32_t>(p * 16777216.0)),
-        inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f),
-        seed_term(static_cast<uint32_t>(seed) * 0x9E3779B9U) {}
-  // n = ((b*H + h) * T + i) * T + j
-  uint32_t key(uint64_t n) const { return mix32(static_cast<uint32_t>(n >> 32) + seed_term); }
-  float scale(uint64_t n) const {
-    return (mix32(static_cast<uint32_t>(n) ^ key(n)) >> 8) >= threshold ? inv_keep : 0.0f;
-  }
-};
+// The dropout mask (mix32, Dropout) is common.h's: the same hash as gpt.dropout_keep.
 
 // Elements of q, k, v, out and the gradients: float, or bf16 held as its uint16_t bits.
 GPT_INLINE float widen(float x) { return x; }
