@@ -165,7 +165,7 @@ class NanoGPT(torch.nn.Module):
 
 def set_gpt_dropout(model, p):
     for m in model.modules():
-        if isinstance(m, gpt.CausalSelfAttention):
+        if isinstance(m, (gpt.CausalSelfAttention, gpt.Block)):  # attention, fused residual dropout
             m.dropout = p
         if isinstance(m, torch.nn.Dropout):
             m.p = p
@@ -200,6 +200,7 @@ def test_train_step_vs_nanogpt(benchmark, ext, batch, rounds=3):
     nano = NanoGPT()
     nano_opt = nano.configure_optimizer()
     x, y = torch.randint(0, 50257, (2, batch, 256))
+    tokens_per_step = x.numel()
     matmul_params = {"gpt": sum(m.weight.numel() for m in ours.modules() if isinstance(m, torch.nn.Linear)),
                      "nanoGPT": sum(m.weight.numel() for m in nano.modules() if isinstance(m, torch.nn.Linear))}
 
@@ -218,11 +219,12 @@ def test_train_step_vs_nanogpt(benchmark, ext, batch, rounds=3):
     rates = {"float32": [], "bfloat16": []}
     for c in cands:  # warm-up: allocator, optimizer state
         step(*c)
-    for _ in range(rounds):
+    for r in range(rounds):
         for c in cands:
             t = time.perf_counter()
             step(*c)
             times[c].append(time.perf_counter() - t)
+            print(f"round {r} {c}: {tokens_per_step / times[c][-1]:.1f} tokens/s", flush=True)
         for d in rates:
             rates[d].append(matmul_rate(d))
     tokens = x.numel()
