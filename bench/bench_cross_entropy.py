@@ -17,11 +17,8 @@ V = 50257
 
 
 def ext_step(x, targets):
-    previous, gpt.BACKEND = gpt.BACKEND, "ext"
-    try:
+    with gpt.backend("ext"):
         gpt.cross_entropy(x, targets, inplace=True).backward()  # x.grad is x's own storage
-    finally:
-        gpt.BACKEND = previous
 
 
 def torch_step(x, targets):

@@ -128,14 +128,11 @@ def run(benchmark, floor, fn, rounds):
 def test_gpt_generate(benchmark, request, models, floor, backend):
     if backend == "ext":
         request.getfixturevalue("ext")  # fails (does not skip) when gpt_ext does not load
-    previous, gpt.BACKEND = gpt.BACKEND, backend
-    try:
+    with gpt.backend(backend):
         gpt.generate(models["gpt"], models["prompt"], 4, temperature=TEMPERATURE, top_k=TOP_K)  # warm-up
         g = torch.Generator().manual_seed(0)
         run(benchmark, floor, lambda: gpt.generate(models["gpt"], models["prompt"], NEW, temperature=TEMPERATURE,
                                                    top_k=TOP_K, generator=g), rounds=5)
-    finally:
-        gpt.BACKEND = previous
 
 
 @pytest.mark.benchmark(group=GROUP)

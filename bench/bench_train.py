@@ -41,8 +41,8 @@ def linear_ce_case(benchmark, impl, dtype=torch.float32):
         h.grad = w.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             if impl == "ext":
-                gpt.BACKEND = "ext"
-                gpt.linear_cross_entropy(h, w, targets).backward()
+                with gpt.backend("ext"):
+                    gpt.linear_cross_entropy(h, w, targets).backward()
             else:
                 F.cross_entropy(F.linear(h, w).float(), targets).backward()
 
@@ -88,15 +88,12 @@ def book_loss(model, x, y):  # the book's calc_loss_batch
 @pytest.mark.benchmark(group="train step GPT-124M (book config) 2x256")
 @pytest.mark.parametrize("backend", ["ext", "torch"])
 def test_train_step_gpt(benchmark, ext, backend):
-    gpt.use_backend(backend)
-    try:
+    with gpt.backend(backend):
         torch.manual_seed(0)
         model = gpt.GPT(gpt.GPTConfig(**gpt.MODEL_PRESETS["book"]))
         # as gpt.train runs a step: its AdamW (fused; no decay on biases and norms), gradient buffers kept
         optimizer = model.configure_optimizer(4e-4, 0.1, (0.9, 0.999), "cpu")
         train_step_case(benchmark, model, gpt_loss, optimizer, set_to_none=False)
-    finally:
-        gpt.use_backend("ext")
 
 
 @pytest.mark.benchmark(group="train step GPT-124M (book config) 2x256")
@@ -193,7 +190,6 @@ def step_flops(n_matmul_params, tokens, n_layer=12, n_embd=768, T=256):
 @pytest.mark.parametrize("batch", [2, 8])
 def test_train_step_vs_nanogpt(benchmark, ext, batch, rounds=3):
     """One run, candidates interleaved round-robin; ratios gpt / nanoGPT per (dtype, dropout)."""
-    gpt.use_backend("ext")
     torch.manual_seed(0)
     ours = gpt.GPT(gpt.GPTConfig(**gpt.MODEL_PRESETS["book"]))
     ours_opt = ours.configure_optimizer(4e-4, 0.1, (0.9, 0.999), "cpu")

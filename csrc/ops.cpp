@@ -1,7 +1,8 @@
 // Schemas of the fused ops, one place for all of them. Each op has a CPU kernel in
 // csrc/cpu/<op>.cpp and (but decode_block) a CUDA kernel in csrc/cuda/<op>.cu registered
-// under the same name; gpt.py holds the pure-torch reference of each, with its fake (shape)
-// function and autograd formula beside it.
+// under the same name; gpt.KERNELS lists each op with its devices (load, CI and tests read it).
+// gpt.py holds the pure-torch reference of each, with its fake (shape) function and autograd
+// formula beside it.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -22,11 +23,15 @@ TORCH_LIBRARY(gpt, m) {
         "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
   // Cross-entropy per row of logits (N, V) float32 (or, on the CPU, bfloat16) with int64
   // targets (N,); rows whose target is -100 are ignored (loss 0). Returns the (N,) float32
-  // row losses; the statistics are float32 for either dtype.
-  m.def("cross_entropy_loss(Tensor logits, Tensor targets) -> Tensor");
+  // row losses; the statistics are float32 for either dtype. check_targets: every
+  // target is checked first, for a clear error (on CUDA at the cost of a host read); false (gpt's
+  // own calls, whose targets are token ids), on CUDA a bad target trips a device-side assert, as
+  // in F.cross_entropy (the CPU kernels check always: it costs nothing there).
+  m.def("cross_entropy_loss(Tensor logits, Tensor targets, bool check_targets=True) -> Tensor");
   // Same, and in the same pass overwrites logits with grad_scale * (softmax - onehot)
   // (zero rows for ignored targets), as llm.c's fused classifier does.
-  m.def("cross_entropy_loss_grad_(Tensor(a!) logits, Tensor targets, float grad_scale) -> Tensor");
+  m.def("cross_entropy_loss_grad_(Tensor(a!) logits, Tensor targets, float grad_scale, bool check_targets=True) "
+        "-> Tensor");
   // The residual add with dropout on the branch (CPU): out = x + y * keep / (1 - p), keep the
   // counter hash of (seed, flat index) as attention's; the gradient of y is dropout_backward's
   // grad * keep / (1 - p) in y's dtype. float32 or bfloat16 tensors, float32 arithmetic.

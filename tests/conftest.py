@@ -16,18 +16,14 @@ def ext():
     why = gpt.load_extension()
     if why is not None:
         pytest.fail(f"gpt_ext did not load: {why}")
-    previous = gpt.BACKEND
-    gpt.BACKEND = "ext"
-    yield
-    gpt.BACKEND = previous
+    with gpt.backend("ext"):
+        yield
 
 
 @pytest.fixture
 def torch_backend():
-    previous = gpt.BACKEND
-    gpt.BACKEND = "torch"
-    yield
-    gpt.BACKEND = previous
+    with gpt.backend("torch"):
+        yield
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -171,12 +171,6 @@ def test_dropout_drops(ext):
     torch.testing.assert_close(out1[:, :, 0], torch.where(keep[..., None], v[:, :, 0] * 2, 0.0))
 
 
-def _hash_keep(seed, n, dropout_p):
-    """attention_dropout_keep at the flat positions n (int64), for positions too far to materialize."""
-    key = gpt._mix32(((n >> 32) + (seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)
-    return (gpt._mix32((n & 0xFFFFFFFF) ^ key) >> 8) >= int(dropout_p * 16777216)
-
-
 @pytest.mark.skipif(not os.environ.get("GPT_SLOW_TESTS"), reason="~2^32 attention scores (~10 s); GPT_SLOW_TESTS=1 runs it")
 def test_dropout_hash_past_2_to_32(ext):
     # Positions n = ((b*H + h)*T + i)*T + j beyond 2^32 use the high word in the key; with T = 2000
@@ -189,7 +183,7 @@ def test_dropout_hash_past_2_to_32(ext):
     b = B - 1
     n = (b * T + torch.arange(T)[:, None]) * T + torch.arange(T)[None, :]
     assert n[0, 0] < 2**32 <= n[-1, -1]
-    keep = _hash_keep(seed, n, p)
+    keep = gpt.dropout_keep_at(seed, n, p)  # positions too far to materialize the whole mask
     q64, k64, v64 = (t[b, 0].double().requires_grad_() for t in (q, k, v))
     s = (q64 @ k64.T) / math.sqrt(D)
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
@@ -223,12 +217,11 @@ def test_backends_agree(ext, dropout_p):
     q, k, v, grad_out = make_inputs(2, 3, 100, 64)
     results = {}
     for backend in ("ext", "torch"):
-        gpt.BACKEND = backend
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = gpt.causal_attention(*leaves, dropout_p, 21)
-        out.backward(grad_out)
+        with gpt.backend(backend):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = gpt.causal_attention(*leaves, dropout_p, 21)
+            out.backward(grad_out)
         results[backend] = [out.detach()] + [t.grad for t in leaves]
-    gpt.BACKEND = "ext"
     for got, want in zip(results["ext"], results["torch"]):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 

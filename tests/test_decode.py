@@ -29,12 +29,8 @@ def both_paths(block, cfg, x, pos):
     out = {}
     for backend in ("torch", "ext"):
         cache = tuple(c.clone() for c in filled_cache(cfg, x.size(0)))
-        previous, gpt.BACKEND = gpt.BACKEND, backend
-        try:
-            with torch.inference_mode():
-                out[backend] = (block(x, cache, pos), *cache)
-        finally:
-            gpt.BACKEND = previous
+        with gpt.backend(backend), torch.inference_mode():
+            out[backend] = (block(x, cache, pos), *cache)
     return out["torch"], out["ext"]
 
 

@@ -1,5 +1,5 @@
 """Parity of the fused residual dropout (csrc/cpu/dropout.cpp) with gpt.dropout_add_reference: the
-same hash mask (gpt.dropout_keep), out = x + y * keep / (1 - p), gradients grad and grad * keep / (1 - p).
+same hash mask (gpt.dropout_keep_at of each element's flat index), out = x + y * keep / (1 - p), gradients grad and grad * keep / (1 - p).
 Tolerances: float32 outputs within 1e-6 (one float32 rounding); a bf16 output or bf16 gradient within
 one bf16 rounding of the float64 value (rtol 2^-8)."""
 import math
@@ -26,7 +26,7 @@ def test_matches_reference(ext, shape, x_dtype, y_dtype, p):
     xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
     out = torch.ops.gpt.dropout_add(xl, yl, p, 4321)
     out.backward(grad)
-    keep = gpt.dropout_keep(4321, shape, p).double()
+    keep = gpt.dropout_keep_at(4321, torch.arange(math.prod(shape)).view(shape), p).double()
     want = x.double() + y.double() * keep / (1 - p)
     assert out.dtype == torch.promote_types(x_dtype, y_dtype) and yl.grad.dtype == y_dtype
     torch.testing.assert_close(gpt.dropout_add_reference(x, y, p, 4321).double(), want, atol=1e-5, rtol=1e-6)
@@ -39,11 +39,12 @@ def test_matches_reference(ext, shape, x_dtype, y_dtype, p):
 
 def test_mask_rate_and_seed():
     p, n = 0.1, 1 << 20
-    keep = gpt.dropout_keep(9, (n,), p)
+    keep = gpt.dropout_keep_at(9, torch.arange(n), p)
     assert abs(keep.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    assert not torch.equal(keep, gpt.dropout_keep(10, (n,), p))
+    assert not torch.equal(keep, gpt.dropout_keep_at(10, torch.arange(n), p))
     # attention's mask is the same hash over its (B, H, T, T) positions
-    assert torch.equal(gpt.attention_dropout_keep(3, 2, 3, 16, 0.2), gpt.dropout_keep(3, (2, 3, 16, 16), 0.2))
+    positions = torch.arange(2 * 3 * 16 * 16).view(2, 3, 16, 16)
+    assert torch.equal(gpt.attention_dropout_keep(3, 2, 3, 16, 0.2), gpt.dropout_keep_at(3, positions, 0.2))
 
 
 def test_opcheck(ext):
@@ -71,12 +72,11 @@ def test_backends_agree_in_the_model(ext):
     x, y = torch.randint(0, 50257, (2, 3, 32))
     results = {}
     for backend in ("ext", "torch"):
-        gpt.BACKEND = backend
-        model.zero_grad()
-        torch.manual_seed(1)
-        loss = model(x, y)
-        loss.backward()
+        with gpt.backend(backend):
+            model.zero_grad()
+            torch.manual_seed(1)
+            loss = model(x, y)
+            loss.backward()
         results[backend] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-    gpt.BACKEND = "ext"
     for got, want in zip(results["ext"], results["torch"]):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

@@ -297,8 +297,7 @@ def reference_generate(model, idx, n, sample=None):
     """No cache: every step re-runs the model on the cropped context idx[:, -block_size:],
     on the pure-torch kernels; sample(logits) picks the next token (default argmax)."""
     L = model.config.block_size
-    previous, gpt.BACKEND = gpt.BACKEND, "torch"
-    try:
+    with gpt.backend("torch"):
         margins = []
         for _ in range(n):
             logits = model(idx[:, -L:])[:, -1]
@@ -306,8 +305,6 @@ def reference_generate(model, idx, n, sample=None):
             margins.append(float((top2[:, 0] - top2[:, 1]).min()))
             nxt = logits.argmax(-1, keepdim=True) if sample is None else sample(logits)
             idx = torch.cat([idx, nxt], dim=1)
-    finally:
-        gpt.BACKEND = previous
     return idx, min(margins) if margins else float("inf")
 
 

@@ -66,3 +66,28 @@ def test_prepare_a_gigabyte_in_flat_memory(tmp_path, capsys):
         print(f"\nprepare: {size / 1e9:.2f} GB of text -> {len(tokens):,} tokens, peak RSS {peak_mb:.0f} MB")
     # the text is 1,070 MB and its tokens 608 MB: holding either whole would break this bound
     assert peak_mb < 600, f"peak memory {peak_mb:.0f} MB grows with the corpus"
+
+
+@pytest.mark.slow
+def test_token_files_of_a_gigabyte_in_flat_memory(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    with open(tmp_path / "train.bin", "wb") as f:  # nanoGPT's layout: flat uint16
+        for _ in range(16):
+            rng.integers(0, 50257, 1 << 25, dtype=np.uint16).tofile(f)
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = 20240520, 1, 1 << 20
+    val = rng.integers(0, 50257, 1 << 20, dtype=np.uint16)
+    (tmp_path / "x_val.bin").write_bytes(header.tobytes() + val.tobytes())  # llm.c's layout
+    out = tmp_path / "prepared"
+    proc = subprocess.run([sys.executable, GPT, "prepare", "--data", str(tmp_path / "train.bin"),
+                           str(tmp_path / "x_val.bin"), "--out_dir", str(out)], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    peak_mb = int(re.search(r"peak memory (\d+) MB", proc.stdout).group(1))
+    tokens = gpt.load_tokens([str(out)])
+    assert len(tokens) == (1 << 29) + (1 << 20) and tokens.val_start == 1 << 29
+    assert np.array_equal(np.asarray(tokens[1 << 29:]), val)
+    assert np.array_equal(tokens.parts[0][:1000], np.fromfile(tmp_path / "train.bin", dtype=np.uint16, count=1000))
+    with capsys.disabled():
+        print(f"\nprepare: 1 GiB of token files -> {len(tokens):,} tokens, peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 400, f"peak memory {peak_mb:.0f} MB grows with the token files (1 GiB)"

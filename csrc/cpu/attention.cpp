@@ -33,10 +33,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
-
 // Vector arguments of always-inlined helpers never cross a real call, so the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "common.h"
 
 #define GPT_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -53,7 +53,7 @@ constexpr int64_t TILE = 64;  // query and key rows per block; a multiple of eve
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
-// The dropout mask (mix32, Dropout) is common.h's: the same hash as gpt.dropout_keep.
+// The dropout mask (Dropout) is common.h's, over csrc/dropout_hash.h: gpt.dropout_keep_at, bit for bit.
 
 // Elements of q, k, v, out and the gradients: float, or bf16 held as its uint16_t bits.
 GPT_INLINE float widen(float x) { return x; }
@@ -126,12 +126,7 @@ GPT_INLINE typename I::vf exp2v(typename I::vf x) {
 // 32 bits, folded into key, are the same for all of them).
 template <class I>
 GPT_INLINE typename I::vf keep_scale(typename I::vu lo, uint32_t key, const Dropout& d) {
-  typename I::vu x = lo ^ key;
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
+  const typename I::vu x = mix32(lo ^ key);
   return (x >> 8) >= d.threshold ? splat<I>(d.inv_keep) : splat<I>(0.0f);
 }
 

@@ -1,4 +1,5 @@
-// Helpers shared by the CPU kernels: exp_approx, max_ignoring_nan, parallel_rows, bf16 conversions.
+// Helpers shared by the CPU kernels: exp_approx, max_ignoring_nan, parallel_rows, bf16 conversions,
+// the dropout keep-scale.
 #pragma once
 #include <ATen/Parallel.h>
 
@@ -7,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+#include "../dropout_hash.h"
 
 // exp(x) for x <= 88 (callers pass x - max <= 0), Cephes expf: x = n ln2 + r with |r| <= ln2/2,
 // exp(r) by a degree-7 polynomial, 2^n through the exponent bits. About 1 ulp; 0 below -87.3
@@ -85,30 +88,13 @@ static void float_to_bf16_n(const float* x, int64_t n, uint16_t* y) {
   for (int64_t j = 0; j < n; j++) y[j] = float_to_bf16(x[j]);
 }
 
-// Dropout mask: the counter-based hash of gpt.dropout_keep, bit for bit, so no mask is stored (the
-// backward pass regenerates it). Element n of a flat index space (attention: ((b*H + h)*T + i)*T + j):
-// key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); keep iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24.
-static inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-struct Dropout {
+// Dropout: the counter hash of csrc/dropout_hash.h (gpt.dropout_keep_at, bit for bit) over a flat
+// index n (attention: ((b*H + h)*T + i)*T + j; the residual dropout: the element's index), and the
+// scale a kept value takes. No mask is stored: the backward pass regenerates it.
+struct Dropout : DropoutHash {
   bool on;
-  uint32_t threshold;  // keep iff (mix32(...) >> 8) >= threshold
-  float inv_keep;      // kept values are scaled by 1 / (1 - p)
-  uint32_t seed_term;  // lo32(seed) * 0x9E3779B9, wrapping
+  float inv_keep;  // kept values are scaled by 1 / (1 - p)
   Dropout(double p, int64_t seed)
-      : on(p > 0),
-        threshold(static_cast<uint32_t>(p * 16777216.0)),
-        inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f),
-        seed_term(static_cast<uint32_t>(seed) * 0x9E3779B9U) {}
-  uint32_t key(uint64_t n) const { return mix32(static_cast<uint32_t>(n >> 32) + seed_term); }
-  float scale(uint64_t n) const {
-    return (mix32(static_cast<uint32_t>(n) ^ key(n)) >> 8) >= threshold ? inv_keep : 0.0f;
-  }
+      : DropoutHash(p, seed), on(p > 0), inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f) {}
+  float scale(uint64_t n) const { return keep(n) ? inv_keep : 0.0f; }
 };

@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
 #include "common.h"
 
 namespace {
@@ -107,13 +108,7 @@ uint16_t narrow(float x, uint16_t*) { return float_to_bf16(x); }
 // Checks shapes and every target before anything is written (the _grad_ op mutates its input).
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
   TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), op, ": expects CPU tensors");
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() &&
-                  (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
-              op, ": logits must be a contiguous (N, V) float32 or bfloat16 tensor, got ", logits.sizes(), " ",
-              logits.scalar_type());
-  TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0), op,
-              ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
-              targets.scalar_type());
+  check_cross_entropy_shapes(logits, targets, op, /*bf16_ok=*/true);
   const at::Tensor t = targets.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -135,7 +130,7 @@ void with_logits(const at::Tensor& logits, F&& f) {
     f(reinterpret_cast<uint16_t*>(logits.data_ptr<at::BFloat16>()));
 }
 
-at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets) {
+at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets, bool /*check_targets*/) {
   check_inputs(logits, targets, "cross_entropy_loss");
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
@@ -161,7 +156,8 @@ at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& ta
   return loss;
 }
 
-at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale) {
+at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
+                                       bool /*check_targets: always, it costs nothing here*/) {
   check_inputs(logits, targets, "cross_entropy_loss_grad_");
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));

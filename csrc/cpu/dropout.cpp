@@ -1,7 +1,8 @@
 // CPU kernels of gpt::dropout_add and gpt::dropout_backward (schemas in csrc/ops.cpp): the residual
 // add with dropout on the branch, out = x + y * keep(n) / (1 - p), and the gradient of y,
-// grad * keep(n) / (1 - p). keep(n) is common.h's counter hash (gpt.dropout_keep) of the element's
-// flat index n, so no mask is drawn, stored or read back: one pass over the elements each way.
+// grad * keep(n) / (1 - p). keep(n) is csrc/dropout_hash.h's counter hash (gpt.dropout_keep_at) of
+// the element's flat index n, so no mask is drawn, stored or read back: one pass over the elements
+// each way.
 // Tensors are contiguous and float32 or bfloat16 (under autocast the residual stream x is float32,
 // the branch y bf16); the arithmetic is float32, each output rounded once.
 #include <ATen/ATen.h>

@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
 #include "common.h"
 
 namespace {
@@ -295,15 +296,8 @@ int64_t sample_row(const float* x, int64_t V, double u, float T, int64_t top_k, 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniform, double temperature, int64_t top_k,
                       double top_p) {
   TORCH_CHECK(logits.device().is_cpu() && uniform.device().is_cpu(), "sample: expects CPU tensors");
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
-              "sample: logits must be a contiguous (B, V) float32 tensor, got ", logits.sizes(), " ",
-              logits.scalar_type());
-  TORCH_CHECK(uniform.dim() == 1 && uniform.scalar_type() == at::kDouble && uniform.size(0) == logits.size(0),
-              "sample: uniform must be a float64 (B,) tensor with B = ", logits.size(0), ", got ", uniform.sizes(),
-              " ", uniform.scalar_type());
-  TORCH_CHECK(temperature >= 0.0, "sample: temperature must be >= 0, got ", temperature);
+  check_sample_inputs(logits, uniform, temperature);
   const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V >= 1 || B == 0, "sample: empty vocabulary");
   TORCH_CHECK(V <= std::numeric_limits<int32_t>::max(), "sample: vocabulary too large");
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
   const at::Tensor u = uniform.contiguous();

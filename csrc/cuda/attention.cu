@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../dropout_hash.h"
+
 namespace {
 
 constexpr int BR = 32;  // rows owned by a block, one thread each (one warp)
@@ -26,39 +28,18 @@ constexpr int BC = 16;  // rows of the streamed side per shared-memory tile
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
-// The dropout hash, bit for bit gpt.attention_dropout_keep: n = ((b*H + h)*T + i)*T + j,
-// key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9), keep iff mix32(lo32(n) ^ key) >> 8 >= threshold.
-__host__ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-struct Dropout {
+// The dropout mask: the hash of csrc/dropout_hash.h (gpt.attention_dropout_keep, bit for bit).
+struct Dropout : DropoutHash {
   bool on;
-  uint32_t threshold;
   float inv_keep;
-  uint32_t seed_term;
-  // 1/(1-p) where position n is kept, else 0 (1 without dropout)
+  Dropout(double p, int64_t seed)
+      : DropoutHash(p, seed), on(p > 0), inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f) {}
+  // 1/(1-p) where score (bh, i, j) is kept, else 0 (1 without dropout)
   __device__ __forceinline__ float scale(int64_t bh, int64_t T, int64_t i, int64_t j) const {
     if (!on) return 1.0f;
-    const uint64_t n = (static_cast<uint64_t>(bh) * T + i) * T + j;
-    const uint32_t key = mix32(static_cast<uint32_t>(n >> 32) + seed_term);
-    return (mix32(static_cast<uint32_t>(n) ^ key) >> 8) >= threshold ? inv_keep : 0.0f;
+    return keep((static_cast<uint64_t>(bh) * T + i) * T + j) ? inv_keep : 0.0f;
   }
 };
-
-Dropout make_dropout(double p, int64_t seed) {
-  Dropout d;
-  d.on = p > 0;
-  d.threshold = static_cast<uint32_t>(p * 16777216.0);
-  d.inv_keep = p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
-  d.seed_term = static_cast<uint32_t>(seed) * 0x9E3779B9U;
-  return d;
-}
 
 // Copies rows [r0, r0 + rows) of a (T, D) head into shared memory with row stride ld, times
 // `mul`, zero past T. All threads of the block take part (coalesced over the flat index).
@@ -300,6 +281,16 @@ void with_dmax(int D, Args&&... args) {
   else Launch<256>::run(args...);
 }
 
+// A kernel's shared memory must fit the device's per-block limit (99 KB on sm_86/89, 163 KB on
+// sm_80, 227 KB on sm_90); dK/dV needs 512 (D + 1) bytes, over 99 KB for head sizes above 197.
+void check_smem(size_t bytes, const char* kernel, int D, int device) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "attention: the CUDA ", kernel, " kernel needs ", bytes / 1024,
+              " KB of shared memory per block for head size ", D, ", over this GPU's ", limit / 1024,
+              " KB: use a smaller head size (n_embd / n_head) or --backend torch");
+}
+
 template <class Kernel>
 void set_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
@@ -345,9 +336,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
   if (out.numel() == 0) return {out, lse};
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>((T + BR - 1) / BR));
   const size_t smem = sizeof(float) * (BR * (D + 1) + 2 * BC * D + BR * (BC + 1));
+  check_smem(smem, "forward", D, q.get_device());
   with_dmax<LaunchForward>(D, grid, smem, c10::cuda::getCurrentCUDAStream(), q.data_ptr<float>(), k.data_ptr<float>(),
                            v.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), T, D,
-                           static_cast<float>(LOG2E / std::sqrt(static_cast<double>(D))), make_dropout(dropout_p, seed));
+                           static_cast<float>(LOG2E / std::sqrt(static_cast<double>(D))), Dropout(dropout_p, seed));
   return {out, lse};
 }
 
@@ -379,10 +371,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>((T + BR - 1) / BR));
   const size_t smem_dq = sizeof(float) * (2 * BR * (D + 1) + 2 * BC * D);
   const size_t smem_dkdv = sizeof(float) * (3 * BR * (D + 1) + 2 * BC * D + 2 * BC);
+  check_smem(smem_dq, "dQ", D, q.get_device());
+  check_smem(smem_dkdv, "dK/dV", D, q.get_device());
   with_dmax<LaunchBackward>(D, grid, smem_dq, smem_dkdv, stream, grad_out.data_ptr<float>(), q.data_ptr<float>(),
                             k.data_ptr<float>(), v.data_ptr<float>(), lse2.data_ptr<float>(), delta.data_ptr<float>(),
                             dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), T, D,
-                            static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))), make_dropout(dropout_p, seed));
+                            static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))), Dropout(dropout_p, seed));
   return {dq, dk, dv};
 }
 

@@ -12,6 +12,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
+#include "../checks.h"
+
 namespace {
 
 constexpr int kThreads = 512;
@@ -49,6 +53,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   float* x = logits + row * V;
   const int64_t t = targets[row];
+  if (t != -100 && (t < 0 || t >= V)) {  // unchecked by the host (check_targets false): never a silent read
+    CUDA_KERNEL_ASSERT(false && "cross_entropy: a target is outside [0, V) and is not -100");
+    if (threadIdx.x == 0) loss[row] = NAN;
+    return;
+  }
   if (t == -100) {  // the whole block takes this branch
     if (write_grad)
       for (int64_t j = threadIdx.x; j < V; j += blockDim.x) x[j] = 0.0f;
@@ -76,27 +85,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
-  TORCH_CHECK(logits.is_cuda() && targets.is_cuda() && logits.device() == targets.device(), op,
-              ": expects CUDA tensors on one device");
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(), op,
-              ": logits must be a contiguous (N, V) float32 tensor, got ", logits.sizes(), " ",
-              logits.scalar_type());
-  TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0), op,
-              ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
-              targets.scalar_type());
-  const int64_t V = logits.size(1);
-  const at::Tensor bad = targets.ne(-100).logical_and(targets.lt(0).logical_or(targets.ge(V)));
-  if (bad.any().item<bool>()) {  // one sync, for a clear error instead of a device assert
-    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK(false, op, ": target ", targets[i].item<int64_t>(), " of row ", i, " is outside [0, ", V,
-                ") and is not the ignore index -100");
+// first = the smallest row whose target is neither in [0, V) nor -100 (first starts at N).
+__global__ void first_bad_target_kernel(const int64_t* targets, int64_t N, int64_t V, unsigned long long* first) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = targets[i];
+    if (t != -100 && (t < 0 || t >= V)) atomicMin(first, static_cast<unsigned long long>(i));
   }
 }
 
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets, bool check_targets, const char* op) {
+  TORCH_CHECK(logits.is_cuda() && targets.is_cuda() && logits.device() == targets.device(), op,
+              ": expects CUDA tensors on one device");
+  check_cross_entropy_shapes(logits, targets, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0 || !check_targets) return;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  // Two small launches and one read of 8 bytes: the price of a clear error, before anything is
+  // written, instead of a device assert that poisons the CUDA context.
+  const at::Tensor t = targets.contiguous();
+  at::Tensor first = at::full({1}, N, targets.options());
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((N + 255) / 256, 1024));
+  first_bad_target_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      t.data_ptr<int64_t>(), N, V, reinterpret_cast<unsigned long long*>(first.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t i = first.item<int64_t>();
+  TORCH_CHECK(i == N, op, ": target ", t[i].item<int64_t>(), " of row ", i, " is outside [0, ", V,
+              ") and is not the ignore index -100");
+}
+
 at::Tensor launch(at::Tensor& logits, const at::Tensor& targets, double grad_scale, bool write_grad,
-                  const char* op) {
-  check_inputs(logits, targets, op);
+                  bool check_targets, const char* op) {
+  check_inputs(logits, targets, check_targets, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options());
@@ -109,13 +129,14 @@ at::Tensor launch(at::Tensor& logits, const at::Tensor& targets, double grad_sca
   return loss;
 }
 
-at::Tensor cross_entropy_loss_cuda(const at::Tensor& logits, const at::Tensor& targets) {
+at::Tensor cross_entropy_loss_cuda(const at::Tensor& logits, const at::Tensor& targets, bool check_targets) {
   at::Tensor x = logits;  // read only: write_grad is false
-  return launch(x, targets, 1.0, false, "cross_entropy_loss");
+  return launch(x, targets, 1.0, false, check_targets, "cross_entropy_loss");
 }
 
-at::Tensor cross_entropy_loss_grad_cuda(at::Tensor& logits, const at::Tensor& targets, double grad_scale) {
-  return launch(logits, targets, grad_scale, true, "cross_entropy_loss_grad_");
+at::Tensor cross_entropy_loss_grad_cuda(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
+                                        bool check_targets) {
+  return launch(logits, targets, grad_scale, true, check_targets, "cross_entropy_loss_grad_");
 }
 
 }  // namespace

@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../checks.h"
+
 namespace {
 
 constexpr int kThreads = 1024;
@@ -69,7 +71,7 @@ __device__ double block_exclusive_scan(double v, double* scratch) {
 
 // p of logit v: exp((v - m) / T) when v is kept by top-k (v >= kth), else 0.
 __device__ __forceinline__ float prob(float v, float m, float T, float kth) {
-  return v >= kth ? __expf((v - m) / T) : 0.0f;
+  return v >= kth ? expf((v - m) / T) : 0.0f;  // accurate: a subnormal p still counts as kept
 }
 
 // The k-th largest logit of the row (k >= 1): 4 passes of 8 bits, most significant first; each
@@ -240,15 +242,8 @@ at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& uniform, doub
                        double top_p) {
   TORCH_CHECK(logits.is_cuda() && uniform.is_cuda() && logits.device() == uniform.device(),
               "sample: expects CUDA tensors on one device");
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
-              "sample: logits must be a contiguous (B, V) float32 tensor, got ", logits.sizes(), " ",
-              logits.scalar_type());
-  TORCH_CHECK(uniform.dim() == 1 && uniform.scalar_type() == at::kDouble && uniform.size(0) == logits.size(0),
-              "sample: uniform must be a float64 (B,) tensor with B = ", logits.size(0), ", got ", uniform.sizes(),
-              " ", uniform.scalar_type());
-  TORCH_CHECK(temperature >= 0.0, "sample: temperature must be >= 0, got ", temperature);
+  check_sample_inputs(logits, uniform, temperature);
   const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V >= 1 || B == 0, "sample: empty vocabulary");
   TORCH_CHECK(V < (int64_t{1} << 30), "sample: vocabulary too large");
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
