@@ -684,7 +684,7 @@ KERNELS = {
     "attention": (("attention_forward", "attention_backward"), ("cpu", "cuda")),
     "cross_entropy": (("cross_entropy_loss", "cross_entropy_loss_grad_"), ("cpu", "cuda")),
     "sample": (("sample",), ("cpu", "cuda")),
-    "decode": (("decode_block",), ("cpu",)),
+    "decode": (("decode_block", "quantized_linear", "quantize_int8", "dequantize_int8"), ("cpu",)),
     "dropout_add": (("dropout_add", "dropout_backward"), ("cpu",)),
 }
 _ext_status = None  # None: not loaded yet; "": loaded; else why it cannot load
@@ -1072,29 +1072,191 @@ def _sample(logits, uniform, temperature, top_k, top_p):
 # --- decode step ---------------------------------------------------------------
 # Generating one token at batch 1 reads every weight once: the matrix-vector products take the
 # time the memory needs, and the ~20 small ops around them per block (dispatch, allocation, cold
-# caches) add ~15%. gpt::decode_block runs a whole block for one new token in one call; its
-# reference is Block.forward's own path (the torch backend), which the tests compare it with.
+# caches) add ~15%. gpt::decode_block runs a whole block for one new token in one call, reading
+# each matrix once for all rows of a batch and as stored (float32, bfloat16 or int8, see
+# quantize); its reference is Block.forward's own path (the torch backend), which the tests
+# compare it with. gpt::quantized_linear is its matrix product alone, for the LM head.
 
 def _register_decode_block():
     @torch.library.register_fake("gpt::decode_block")
     def _(x, weights, cache_k, cache_v, pos):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("gpt::quantized_linear")
+    def _(x, weight, scale, bias):
+        return x.new_empty(x.size(0), weight.size(0))
+
+    @torch.library.register_fake("gpt::dequantize_int8")
+    def _(q, scale):
+        return q.new_empty(q.shape, dtype=torch.bfloat16)
+
+    @torch.library.register_fake("gpt::quantize_int8")
+    def _(w):
+        return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.size(0), -(-w.size(1) // QBLOCK), dtype=torch.half)
+
+
+# The GPTConfig fields whose every value gpt::decode_block implements. A field added for a new
+# Block feature (rotary positions, another norm, ...) is not here, so a config that turns it on
+# runs Block.forward's torch path until the kernel learns it.
+DECODE_BLOCK_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "qkv_bias",
+                       "tie_weights", "init")
+
+
+def decode_block_supports(config):
+    """Whether gpt::decode_block computes config's Block: every field it does not know is at its default."""
+    return all(getattr(config, f.name) == f.default for f in dataclasses.fields(config)
+               if f.name not in DECODE_BLOCK_FIELDS)
+
 
 def _decode_block_ok(x, block):
-    """The fused decode step applies: ext backend, CPU float32, inference (no dropout, no grad)."""
-    return (_ext_device_ok("decode", x) and x.dtype == torch.float32 and x.size(1) == 1
+    """The fused decode step applies: ext backend, a Block the kernel implements, CPU float32
+    activations, inference (no dropout, no grad)."""
+    return (block.fused_decode and _ext_device_ok("decode", x) and x.dtype == torch.float32 and x.size(1) == 1
             and not block.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
+def decode_weights(block):
+    """The tensors gpt::decode_block reads, in its order (enum Weight in csrc/cpu/decode.cpp):
+    ln_1 w, b; attn.c_attn, attn.c_proj as (stored weight, int8 scale or empty, bias or empty);
+    ln_2 w, b; mlp.c_fc, mlp.c_proj likewise."""
+    empty = block.ln_1.weight.new_empty(0)
+
+    def matrix(linear):
+        bias = linear.bias if linear.bias is not None else empty
+        if isinstance(linear, QuantizedLinear):
+            return [linear.qweight, linear.scale if linear.scale.numel() else empty, bias]
+        return [linear.weight, empty, bias]
+
+    a, m = block.attn, block.mlp
+    return [block.ln_1.weight, block.ln_1.bias, *matrix(a.c_attn), *matrix(a.c_proj),
+            block.ln_2.weight, block.ln_2.bias, *matrix(m.c_fc), *matrix(m.c_proj)]
 
 
 def decode_block(block, x, kv_cache, pos):
     """Block.forward(x, kv_cache, pos) for x (B, 1, C) as one gpt::decode_block call."""
-    a, m = block.attn, block.mlp
-    weights = [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight,
-               a.c_attn.bias if a.c_attn.bias is not None else x.new_empty(0), a.c_proj.weight, a.c_proj.bias,
-               block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
     B, _, C = x.shape
-    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), weights, *kv_cache, pos).view(B, 1, C)
+    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), decode_weights(block), *kv_cache,
+                                      pos).view(B, 1, C)
+
+
+# --- weights in bfloat16 or int8 --------------------------------------------------
+# Decoding reads every weight once per token, so its speed is the weights' size: bfloat16 halves
+# it, int8 with a float16 scale per 32 weights of a row (llama.cpp's Q8_0: 8.5 bits a weight)
+# about quarters it. quantize(model, dtype) stores every matrix that way once, embeddings and the
+# LM head included; LayerNorms and biases stay float32, and so do the activations and sums: the
+# decode kernels dequantize in registers, and many rows at once (the prompt) run as one bfloat16
+# GEMM per layer (oneDNN; AMX where the CPU has it).
+
+INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
+QBLOCK = 32  # int8 weights per scale, along a row (the input dimension)
+_FEW_ROWS = 8  # up to this many rows a product runs in gpt::quantized_linear, above as a GEMM
+
+
+def quantize_weight(w, dtype):
+    """w (N, K) -> (stored, scale): bfloat16 w and an empty scale; or int8 q and float16 scale
+    (N, ceil(K / 32)) with w ~= q * scale per block of 32 along a row (symmetric: scale =
+    max |w| / 127 of the block, q = round(w / scale))."""
+    w = w.detach().float()
+    if dtype == "bfloat16":
+        return w.bfloat16(), w.new_empty(0)
+    if _ext_device_ok("decode", w):  # one pass in C++ (torch's ops: ~8, ~20x slower)
+        q, scale = torch.ops.gpt.quantize_int8(w)
+    else:
+        q, scale = quantize_int8_reference(w)
+    if not torch.isfinite(scale.float()).all():  # (on float16 isfinite is ~50x slower)
+        raise GPTError("int8: a weight is NaN, infinite or beyond float16 scales (|w| > 8e6): use --dtype bfloat16")
+    return q, scale
+
+
+def quantize_int8_reference(w):
+    """The int8 rule of quantize_weight in torch ops (gpt::quantize_int8 computes the same)."""
+    N, K = w.shape
+    blocks = F.pad(w, (0, -K % QBLOCK)).view(N, -1, QBLOCK)
+    scale = (blocks.abs().amax(dim=-1) / 127).half()
+    inverse = torch.where(scale.float() > 0, 1 / scale.float(), 0.0)
+    q = (blocks * inverse.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q.view(N, -1)[:, :K].contiguous(), scale
+
+
+def dequantize_weight(stored, scale):
+    """The float32 matrix that stored (and scale, for int8) stand for; rows may be gathered first."""
+    if stored.dtype != torch.int8:
+        return stored.float()
+    return stored.float() * scale.float().repeat_interleave(QBLOCK, dim=-1)[..., : stored.size(-1)]
+
+
+def dequantize_bfloat16(q, scale):
+    """An int8 weight as the bfloat16 matrix the prompt's GEMM reads (one rounding of q * scale)."""
+    if _ext_device_ok("decode", q):  # one pass, no float32 copy of the matrix
+        return torch.ops.gpt.dequantize_int8(q, scale)
+    return dequantize_weight(q, scale).bfloat16()
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear with its weight stored by quantize_weight (the bias stays float32). `weight` is
+    the dequantized float32 matrix, for code that reads nn.Linear's (the evaluation loss)."""
+
+    def __init__(self, linear, dtype):
+        super().__init__()
+        stored, scale = quantize_weight(linear.weight, dtype)
+        self.register_buffer("qweight", stored)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+
+    @property
+    def weight(self):
+        return dequantize_weight(self.qweight, self.scale)
+
+    def forward(self, x):
+        x2d = x.reshape(-1, x.size(-1))
+        if x2d.size(0) > _FEW_ROWS:  # the prompt: one bfloat16 GEMM
+            w = self.qweight if self.qweight.dtype == torch.bfloat16 else dequantize_bfloat16(self.qweight, self.scale)
+            y = F.linear(x2d.bfloat16(), w).float()
+            y = y + self.bias if self.bias is not None else y
+        elif _ext_device_ok("decode", x) and not torch.is_grad_enabled():
+            bias = self.bias if self.bias is not None else x.new_empty(0)
+            y = torch.ops.gpt.quantized_linear(x2d.float().contiguous(), self.qweight, self.scale, bias)
+        else:  # the kernel's reference: float32 activations, the dequantized weight
+            y = F.linear(x2d.float(), self.weight, self.bias)
+        return y.view(*x.shape[:-1], -1)
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding with its table stored by quantize_weight; rows come out float32."""
+
+    def __init__(self, stored, scale):
+        super().__init__()
+        self.register_buffer("qweight", stored)
+        self.register_buffer("scale", scale)
+
+    @property
+    def weight(self):
+        return dequantize_weight(self.qweight, self.scale)
+
+    def forward(self, idx):
+        return dequantize_weight(self.qweight[idx], self.scale[idx] if self.scale.numel() else self.scale)
+
+
+def quantize(model, dtype):
+    """Stores model's matrices in dtype, in place, for inference: "float32" leaves it as it is,
+    "bfloat16" or "int8" (see quantize_weight) convert every nn.Linear and both embeddings; a tied
+    LM head stays tied (one int8 table). Returns model."""
+    if dtype not in INFERENCE_DTYPES:
+        raise GPTError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    if isinstance(model.lm_head, QuantizedLinear):
+        raise GPTError("the model's weights are already quantized: quantize the float32 model")
+    if dtype == "float32":
+        return model
+    tied = model.lm_head.weight is model.wte.weight
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, QuantizedLinear(child, dtype))
+    head = model.lm_head
+    model.wte = QuantizedEmbedding(head.qweight, head.scale) if tied else QuantizedEmbedding(
+        *quantize_weight(model.wte.weight, dtype))
+    model.wpe = QuantizedEmbedding(*quantize_weight(model.wpe.weight, dtype))
+    return model
 
 
 # --- choosing kernels: each proves itself on first use of a device -------------------
@@ -1408,8 +1570,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
         self.dropout = config.dropout  # on both residual branches, fused with the residual add
+        self.fused_decode = decode_block_supports(config)
 
     def forward(self, x, kv_cache=None, pos=0):
+        # Its C++ twin is gpt::decode_block (csrc/cpu/decode.cpp), for one new token: a change
+        # here needs the same change there, or a GPTConfig field that sends decoding here.
         if kv_cache is not None and pos > 0 and _decode_block_ok(x, self):  # one new token: one fused call
             return decode_block(self, x, kv_cache, pos)
         dropout_p = self.dropout if self.training else 0.0
@@ -1478,7 +1643,7 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size):
         """Per layer, keys and values (B, n_head, block_size, head_dim), allocated once."""
         c = self.config
-        p = self.wte.weight
+        p = self.ln_f.weight  # float32 (the matrices may be stored quantized)
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
         return [(p.new_empty(shape), p.new_empty(shape)) for _ in range(c.n_layer)]
 
@@ -1971,17 +2136,44 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
              generator=None, on_token=None):
-    """Continues idx (B, T) by max_new_tokens tokens -> (B, T + n).
+    """Continues a prompt by max_new_tokens tokens, with a KV cache; returns prompt + new tokens.
+
+    model: a GPT (in eval mode for generation without dropout); quantize(model, "bfloat16" or
+        "int8") first to decode from low-precision weights.
+    idx: the prompt's token ids: a list of ints (returns a list), a 1-D tensor (T,) (returns
+        (T + n,)) or a 2-D tensor (B, T) of B prompts of one length (returns (B, T + n)).
+    max_new_tokens: how many tokens to add (0 returns idx as it is).
+    temperature: 0 (the default) is greedy: the most likely token, the same text every time, as
+        Hugging Face's generate without do_sample; > 0 samples from softmax(logits / temperature).
+        (`python gpt.py sample` defaults to 0.8: a person asking for text wants variety, a
+        program calling generate wants reproducible output unless it asks.)
+    top_k: sample only among the k most likely tokens (ties kept); None: all.
+    top_p: sample only among the most likely tokens whose probability reaches top_p; None: all.
+    eos_id: a row that produces this id stops, and is padded with it; generation ends when all
+        rows have stopped (the result may then be shorter). None: never stop early.
+    generator: a torch.Generator for the draws (same seed, same tokens, on either backend).
+    on_token: called with each new column of ids (B, 1), for streaming.
 
     One forward over the prompt fills a pre-allocated KV cache, then one forward per new token.
     Past block_size the context slides (the last block_size tokens, as the book crops
-    idx[:, -context_size:]); positions are absolute, so a slide recomputes the cache. Rows that
-    produce eos_id stop and are padded with eos_id; generation ends when all have stopped.
-    on_token(ids (B, 1)) is called with each new column (for streaming)."""
+    idx[:, -context_size:]); positions are absolute, so a slide recomputes the cache."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    as_list = not isinstance(idx, torch.Tensor)
+    ids = torch.as_tensor(idx, dtype=torch.long, device=model.ln_f.weight.device) if as_list else idx
+    if ids.dim() not in (1, 2) or ids.size(-1) == 0:
+        raise ValueError(f"idx must be a non-empty list of token ids, a (T,) or a (B, T) tensor, got shape "
+                         f"{tuple(ids.shape)}")
     if max_new_tokens == 0:
         return idx
+    out = _generate(model, ids.view(-1, ids.size(-1)), max_new_tokens, temperature, top_k, top_p, eos_id,
+                    generator, on_token)
+    out = out.view(-1) if ids.dim() == 1 else out
+    return out.tolist() if as_list else out
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, on_token):
+    """generate's loop, for idx (B, T)."""
     L = model.config.block_size
     cache = model.new_kv_cache(idx.size(0))
     out = [idx]
@@ -2565,7 +2757,7 @@ def cmd_sample(args):
     device = pick_device(args.device)
     use_backend(args.backend)
     model, _ = _load_for_inference(args, device)
-    model.to(device).eval()
+    quantize(model.to(device).eval(), args.dtype)
     tokenizer = get_tokenizer()
     ids = tokenizer.encode(prompt, allowed_special={EOT_TOKEN}) or [EOT_ID]  # empty prompt: start a document
     idx = torch.tensor([ids] * args.num_samples, device=device)
@@ -2611,7 +2803,7 @@ def cmd_eval(args):
     device = pick_device(args.device)
     backend = use_backend(args.backend)
     model, state = _load_for_inference(args, device)
-    model.to(device).eval()
+    quantize(model.to(device).eval(), args.dtype)
     L = model.config.block_size
     if args.data:
         tokens = load_tokens(args.data)
@@ -2625,7 +2817,7 @@ def cmd_eval(args):
     loss = calc_loss_loader(loader, model, device, args.eval_iters)
     n = min(len(loader), args.eval_iters or len(loader))
     print(f"loss {loss:.4f} | perplexity {perplexity(loss):,.2f} | {n} batches of {args.batch_size}x{L} "
-          f"tokens from {what} | kernels: {backend}")
+          f"tokens from {what} | kernels: {backend}, {args.dtype} weights")
     return loss
 
 
@@ -2677,12 +2869,17 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random, printed)")
     p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--no_stream", action="store_true")
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="bfloat16",
+                   help="weights as stored for sampling (default bfloat16: half the bytes float32 reads per "
+                        "token; int8: ~27%%; see README)")
 
     p = sub.add_parser("eval", parents=[common], help="loss and perplexity on held-out text")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="held-out text (default: the checkpoint's validation split)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--eval_iters", type=int, default=None, help="batches (default: all)")
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
+                   help="weights as stored for evaluation (default float32: the model's own numbers)")
 
     p = sub.add_parser("export", parents=[common], help="write the model for Hugging Face transformers or llama.cpp")
     p.add_argument("--to", required=True, choices=["hf", "gguf"], help="hf: a folder; gguf: one file")

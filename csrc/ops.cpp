@@ -42,7 +42,17 @@ TORCH_LIBRARY(gpt, m) {
   m.def("sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) -> Tensor");
   // One GPT-2 block for one new token per row (generation's decode step, CPU only): x (B, C)
   // float32 at position pos -> the block's output (B, C); writes this token's keys and values
-  // into cache_k/v (B, H, L, D) at pos. weights: ln_1 w, b; c_attn w, b (empty: no bias);
-  // attn.c_proj w, b; ln_2 w, b; c_fc w, b; mlp.c_proj w, b (nn.Linear layout, (out, in)).
+  // into cache_k/v (B, H, L, D) float32 at pos. weights (gpt.py's decode_weights): ln_1 w, b;
+  // then per matrix (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; nn.Linear's (out, in)
+  // layout) its weight (float32, bfloat16 or int8), scale (int8: float16 (out, ceil(in / 32)),
+  // one per 32 weights of a row; else empty) and bias (empty: none), with ln_2 w, b after c_proj.
   m.def("decode_block(Tensor x, Tensor[] weights, Tensor(a!) cache_k, Tensor(b!) cache_v, int pos) -> Tensor");
+  // x (M, K) float32 @ weight^T + bias -> (M, N) float32, weight (N, K) stored as in
+  // decode_block (float32, bfloat16, or int8 with scale); bias may be empty. CPU only, for few rows.
+  m.def("quantized_linear(Tensor x, Tensor weight, Tensor scale, Tensor bias) -> Tensor");
+  // w (N, K) float32 -> int8 q (N, K) and float16 scale (N, ceil(K / 32)), w ~= q * scale per
+  // block of 32 along a row (gpt.quantize_weight's rule, bit for bit). CPU only.
+  m.def("quantize_int8(Tensor w) -> (Tensor, Tensor)");
+  // The inverse, rounded once to bfloat16: q (N, K) int8, scale as above -> (N, K) bfloat16. CPU only.
+  m.def("dequantize_int8(Tensor q, Tensor scale) -> Tensor");
 }

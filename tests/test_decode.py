@@ -1,21 +1,51 @@
 """gpt::decode_block (one block, one new token per row, KV cache) against Block.forward's torch
 path (nn.Linear, LayerNorm, scaled_dot_product_attention), on random weights with non-zero
 biases and awkward sizes: head sizes not a multiple of any vector width, matrix heights not a
-multiple of the kernel's 4-row and 64-row blocks, batch > 1, the first and the last cache slot."""
+multiple of the kernel's 4-row and 64-row blocks, widths not a multiple of 16 or 32 (a partial
+int8 block), batch > 1 (and > 4, the kernel's batch group), the first and the last cache slot.
+
+Weights stored bfloat16 or int8 (gpt.quantize) are compared with the torch path of the same
+block holding the dequantized float32 weights: both then compute the same function in float32,
+so the tolerance is float32's (1e-5), not the quantization error's. Every test runs on the
+AVX-512 path and on the generic one (GPT_CPU_ISA=generic)."""
+import copy
+
 import pytest
 import torch
 
 import gpt
 
 
-def random_block(n_head, n_embd, block_size, qkv_bias, scale=1.0, seed=0):
+@pytest.fixture(params=["avx512", "generic"])
+def isa(request, monkeypatch):
+    if request.param == "generic":
+        monkeypatch.setenv("GPT_CPU_ISA", "generic")
+    return request.param
+
+
+def random_block(n_head, n_embd, block_size, qkv_bias, scale=1.0, seed=0, config_cls=gpt.GPTConfig, **fields):
     torch.manual_seed(seed)
-    cfg = gpt.GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size, qkv_bias=qkv_bias)
+    cfg = config_cls(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size, qkv_bias=qkv_bias, **fields)
     block = gpt.Block(cfg).eval()
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, scale / n_embd**0.5 if p.dim() == 2 else 0.5)
     return cfg, block
+
+
+def stored_and_reference(block, dtype):
+    """(block with its matrices stored in dtype, float32 block holding the dequantized weights)."""
+    stored = copy.deepcopy(block)
+    for module in list(stored.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and dtype != "float32":
+                setattr(module, name, gpt.QuantizedLinear(child, dtype))
+    reference = copy.deepcopy(block)
+    with torch.no_grad():
+        for (name, linear), (_, q) in zip(reference.named_modules(), stored.named_modules()):
+            if isinstance(q, gpt.QuantizedLinear):
+                linear.weight.copy_(q.weight)
+    return stored, reference
 
 
 def filled_cache(cfg, B, seed=1):
@@ -24,39 +54,41 @@ def filled_cache(cfg, B, seed=1):
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
 
 
-def both_paths(block, cfg, x, pos):
-    """(output, cache_k, cache_v) from the torch path and from the fused kernel, same inputs."""
-    out = {}
-    for backend in ("torch", "ext"):
-        cache = tuple(c.clone() for c in filled_cache(cfg, x.size(0)))
-        with gpt.backend(backend), torch.inference_mode():
-            out[backend] = (block(x, cache, pos), *cache)
-    return out["torch"], out["ext"]
+def run_block(block, cfg, x, pos, backend):
+    cache = tuple(c.clone() for c in filled_cache(cfg, x.size(0)))
+    with gpt.backend(backend), torch.inference_mode():
+        return (block(x, cache, pos), *cache)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("n_head,n_embd,B,pos,qkv_bias", [
-    (1, 16, 1, 1, True),     # one head; the smallest cache read
+    (1, 16, 1, 1, True),     # one head; the smallest cache read; half an int8 block
     (3, 60, 3, 7, False),    # head size 20; 3C = 180 rows: a partial 4-row group and 64-row chunk
     (4, 64, 2, 31, True),    # the last cache slot
     (12, 768, 1, 100, True),  # GPT-2 124M's block
-    (5, 85, 4, 18, False),   # odd everything: head size 17, 4C = 340
+    (5, 85, 6, 18, False),   # odd everything: head size 17, 4C = 340, K = 85 (a 21-wide int8 block); B = 4 + 2
 ])
-def test_decode_block_matches_torch(ext, n_head, n_embd, B, pos, qkv_bias):
+def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv_bias):
     cfg, block = random_block(n_head, n_embd, 32 if n_embd < 768 else 128, qkv_bias)
+    stored, reference = stored_and_reference(block, dtype)
     x = torch.randn(B, 1, n_embd)
-    (ref, ref_k, ref_v), (got, got_k, got_v) = both_paths(block, cfg, x, pos)
+    ref, ref_k, ref_v = run_block(reference, cfg, x, pos, "torch")
+    got, got_k, got_v = run_block(stored, cfg, x, pos, "ext")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_k, ref_k, rtol=0, atol=1e-5)  # this token's k, v written at pos
     torch.testing.assert_close(got_v, ref_v, rtol=0, atol=1e-5)
     assert not torch.equal(got_k[:, :, pos], filled_cache(cfg, B)[0][:, :, pos])
 
 
-def test_decode_block_large_values(ext):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_decode_block_large_values(ext, isa, dtype):
     """Large weights and inputs: attention scores in the hundreds (a near one-hot softmax), GELU
     far out on both tails."""
     cfg, block = random_block(4, 64, 32, True, scale=8.0)
+    stored, reference = stored_and_reference(block, dtype)
     x = 50 * torch.randn(2, 1, 64)
-    (ref, _, _), (got, _, _) = both_paths(block, cfg, x, 20)
+    ref = run_block(reference, cfg, x, 20, "torch")[0]
+    got = run_block(stored, cfg, x, 20, "ext")[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
 
 
@@ -80,12 +112,50 @@ def test_generate_takes_the_fused_step_only_when_it_applies(ext, monkeypatch):
     assert calls == []
 
 
-def test_opcheck(ext):
+def test_a_block_feature_the_kernel_lacks_falls_back_with_the_same_tokens(ext, monkeypatch):
+    """A GPTConfig field the kernel does not know (here a made-up `rotary`) at a non-default value
+    sends generation to Block.forward's torch path: no fused call, the torch backend's tokens."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class RotaryConfig(gpt.GPTConfig):
+        rotary: bool = False
+
+    calls = []
+    fused = gpt.decode_block
+    monkeypatch.setattr(gpt, "decode_block", lambda *a: calls.append(a[3]) or fused(*a))
+    prompt = torch.randint(50257, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    for rotary in (False, True):
+        torch.manual_seed(0)
+        model = gpt.GPT(RotaryConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, rotary=rotary)).eval()
+        tokens[rotary] = gpt.generate(model, prompt, 6)
+        assert bool(calls) is not rotary  # fused while the config is the kernel's, not once after
+        calls.clear()
+        with gpt.backend("torch"):
+            assert torch.equal(gpt.generate(model, prompt, 6), tokens[rotary])
+    assert torch.equal(tokens[False], tokens[True])  # `rotary` does nothing in this Block
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_opcheck(ext, dtype):
     cfg, block = random_block(3, 60, 32, True)
-    a, m = block.attn, block.mlp
-    weights = [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
-               block.ln_2.weight, block.ln_2.bias, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
-    weights = [w.detach() for w in weights]
+    stored, _ = stored_and_reference(block, dtype)
+    weights = [w.detach() for w in gpt.decode_weights(stored)]
     cache_k, cache_v = filled_cache(cfg, 2)
     torch.library.opcheck(torch.ops.gpt.decode_block.default, (torch.randn(2, 60), weights, cache_k, cache_v, 9),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_weights_are_refused(ext):
+    cfg, block = random_block(2, 32, 16, True)
+    stored, _ = stored_and_reference(block, "int8")
+    weights = [w.detach() for w in gpt.decode_weights(stored)]
+    cache = filled_cache(cfg, 1)
+    x = torch.randn(1, 32)
+    no_scale = list(weights)
+    no_scale[3] = torch.empty(0)  # c_attn's scale
+    with pytest.raises(RuntimeError, match="needs float16 scales"):
+        torch.ops.gpt.decode_block(x, no_scale, *cache, 3)
+    with pytest.raises(RuntimeError, match="expected 16 weight tensors"):
+        torch.ops.gpt.decode_block(x, weights[:12], *cache, 3)

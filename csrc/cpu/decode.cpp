@@ -1,6 +1,7 @@
 // One GPT-2 block for one new token per row, with a KV cache: the decode step of generation.
 // x (B, C) float32 is the residual stream at position pos; weights are the block's tensors in
-// Python's order (see gpt.py's decode_block); cache_k/v (B, H, L, D) hold positions < pos.
+// the order of enum Weight below (gpt.py's decode_weights); cache_k/v (B, H, L, D) float32 hold
+// positions < pos.
 //   h = LN1(x); q, k, v = h Wqkv^T + bqkv; cache[pos] = k, v
 //   y = softmax(q K[0..pos]^T / sqrt(D)) V[0..pos]        per head
 //   x = x + y Wproj^T + bproj
@@ -9,6 +10,15 @@
 // once. In torch the same block is ~20 small ops, each dispatched, allocated and run with the
 // caches cold (every weight matrix streamed through just before evicts them), and a fork/join
 // of the threads per product; here it is one call and one parallel region.
+//
+// The matrices are stored float32, bfloat16, or int8 with a float16 scale per 32 weights along
+// a row (llama.cpp's Q8_0 layout: w[n, k] = q[n, k] * scale[n, k / 32]). Products read them as
+// stored and dequantize in registers to float32, with float32 activations and sums, so a
+// low-precision matrix costs only its bytes: the bandwidth it saves is the speed. (int8 or bf16
+// dot-product instructions, VNNI / vdpbf16ps, would need the activations rounded too, as
+// llama.cpp does; at these batch sizes memory, not arithmetic, sets the time.) gpt::quantized_linear
+// is the same product alone, for the LM head. Two builds of the products: AVX-512 (intrinsics,
+// picked at run time) and a generic one (GPT_CPU_ISA=generic forces it, for tests).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,35 +26,202 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GPT_X86 1
+#else
+#define GPT_X86 0
+#endif
+
 namespace {
 
-// a . b over n floats.
+// The block's tensors, in the order of the weights list (each matrix: stored weight, scale, bias;
+// the scale is empty unless the weight is int8, a bias may be empty).
+enum Weight {
+  LN1_W, LN1_B,
+  QKV_W, QKV_S, QKV_B,    // attn.c_attn (3C, C)
+  PROJ_W, PROJ_S, PROJ_B,  // attn.c_proj (C, C)
+  LN2_W, LN2_B,
+  FC_W, FC_S, FC_B,        // mlp.c_fc (4C, C)
+  OUT_W, OUT_S, OUT_B,     // mlp.c_proj (C, 4C)
+  N_WEIGHTS
+};
+
+constexpr int64_t QBLOCK = 32;  // int8 weights per scale
+
+enum class Kind { F32, BF16, I8 };
+
+// A matrix W (N, K) row-major as stored, its scales (N, ceil(K / 32)) for int8, and a bias (N,).
+struct Matrix {
+  const void* w;
+  const at::Half* scale;
+  const float* bias;
+  Kind kind;
+  int64_t N, K;
+};
+
+const float* f32_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+Matrix matrix(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, const char* what) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), what, ": weight must be a contiguous 2-D tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  Kind kind;
+  switch (w.scalar_type()) {
+    case at::kFloat: kind = Kind::F32; break;
+    case at::kBFloat16: kind = Kind::BF16; break;
+    case at::kChar: kind = Kind::I8; break;
+    default: TORCH_CHECK(false, what, ": weight must be float32, bfloat16 or int8, got ", w.scalar_type());
+  }
+  if (kind == Kind::I8) {
+    TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                    scale.sizes() == at::IntArrayRef({N, (K + QBLOCK - 1) / QBLOCK}),
+                what, ": an int8 weight (N, K) needs float16 scales (N, ceil(K / 32)), contiguous");
+  } else {
+    TORCH_CHECK(scale.numel() == 0, what, ": scales belong to int8 weights only");
+  }
+  TORCH_CHECK(!bias.defined() || bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N),
+              what, ": bias must be empty or a contiguous float32 (N,) tensor");
+  return {w.data_ptr(), kind == Kind::I8 ? scale.data_ptr<at::Half>() : nullptr, bias.defined() ? f32_or_null(bias) : nullptr, kind, N, K};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The product kernels: s[r * NB + b] = W[n + r, :] . x[b, :] for R rows of W and NB rows of x
+// (leading dimension K). R rows are read together (their loads in flight at once); each weight
+// is dequantized once and used for all NB rows of x.
+
+float to_float(float v) { return v; }
+float to_float(int8_t v) { return static_cast<float>(v); }
+float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+template <class T, int R, int NB>
+void dot_rows_generic(const Matrix& m, int64_t n, const float* x, float* s) {
+  const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
+  const T* w = static_cast<const T*>(m.w) + n * K;
+  float acc[R][NB] = {};
+  for (int64_t j = 0; j < K; j += QBLOCK) {
+    const int64_t e = std::min(j + QBLOCK, K);
+    for (int r = 0; r < R; r++) {
+      const float d = m.scale ? static_cast<float>(m.scale[(n + r) * nblk + j / QBLOCK]) : 1.0f;
+      for (int64_t i = j; i < e; i++) {
+        const float wi = to_float(w[r * K + i]) * d;
+        for (int b = 0; b < NB; b++) acc[r][b] += wi * x[b * K + i];
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) s[r * NB + b] = acc[r][b];
+}
+
+#if GPT_X86
+// GCC 12 warns that the intrinsics' own _mm512_undefined_* placeholders are uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define GPT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+
+// 16 weights from p (lanes outside mask k read as 0), as float32.
+GPT_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+GPT_AVX512 inline __m512 load16(const at::BFloat16* p, __mmask16 k) {  // bf16 is float32's top half
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+GPT_AVX512 inline __m512 load16(const int8_t* p, __mmask16 k) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
+
+GPT_AVX512 inline __mmask16 first_lanes(int64_t n) {  // lanes 0..n-1 of 16
+  return n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// A block of 32 weights per step (two vectors, one int8 scale): masked loads past K read zeros.
+template <class T, int R, int NB>
+GPT_AVX512 void dot_rows_avx512(const Matrix& m, int64_t n, const float* x, float* s) {
+  const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
+  const T* w = static_cast<const T*>(m.w) + n * K;
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < K; i += QBLOCK) {
+    const __mmask16 k0 = first_lanes(K - i), k1 = first_lanes(K - i - 16);
+    __m512 x0[NB], x1[NB];
+    for (int b = 0; b < NB; b++) {
+      x0[b] = _mm512_maskz_loadu_ps(k0, x + b * K + i);
+      x1[b] = _mm512_maskz_loadu_ps(k1, x + b * K + i + 16);
+    }
+    for (int r = 0; r < R; r++) {
+      __m512 w0 = load16(w + r * K + i, k0), w1 = load16(w + r * K + i + 16, k1);
+      if (m.scale != nullptr) {  // int8: times the block's scale
+        const __m512 d = _mm512_set1_ps(_cvtsh_ss(m.scale[(n + r) * nblk + i / QBLOCK].x));
+        w0 = _mm512_mul_ps(w0, d);
+        w1 = _mm512_mul_ps(w1, d);
+      }
+      for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(w1, x1[b], _mm512_fmadd_ps(w0, x0[b], acc[r][b]));
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+bool use_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+  }();
+  const char* force = std::getenv("GPT_CPU_ISA");  // tests run the generic path too
+  return has && !(force != nullptr && std::strcmp(force, "generic") == 0);
+}
+#else
+bool use_avx512() { return false; }
+#endif
+
+using DotRows = void (*)(const Matrix&, int64_t, const float*, float*);
+
+template <class T, int R, int NB>
+DotRows pick_dot_rows(bool avx512) {
+#if GPT_X86
+  if (avx512) return &dot_rows_avx512<T, R, NB>;
+#endif
+  return &dot_rows_generic<T, R, NB>;
+}
+
+constexpr int kRows = 4, kBatch = 4;  // 16 accumulators of 16 floats: half the AVX-512 registers
+
+// The kernel for R in {1, 4} rows of W and NB in 1..4 rows of x: table[R == 4][NB - 1].
+struct DotTable {
+  DotRows f[2][kBatch];
+};
+
+template <class T>
+DotTable dot_table(bool avx512) {
+  return {{{pick_dot_rows<T, 1, 1>(avx512), pick_dot_rows<T, 1, 2>(avx512), pick_dot_rows<T, 1, 3>(avx512),
+            pick_dot_rows<T, 1, 4>(avx512)},
+           {pick_dot_rows<T, 4, 1>(avx512), pick_dot_rows<T, 4, 2>(avx512), pick_dot_rows<T, 4, 3>(avx512),
+            pick_dot_rows<T, 4, 4>(avx512)}}};
+}
+
+DotTable dot_table(Kind kind) {
+  const bool avx512 = use_avx512();
+  switch (kind) {
+    case Kind::BF16: return dot_table<at::BFloat16>(avx512);
+    case Kind::I8: return dot_table<int8_t>(avx512);
+    default: return dot_table<float>(avx512);
+  }
+}
+
+// a . b over n floats (attention's q . k).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 float dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
   return s;
-}
-
-// s[r] = W[r, :] . x for the 4 rows of W starting at w (row stride K): four independent sums,
-// so the loads of four rows are in flight at once.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void dot4(const float* w, int64_t K, const float* x, float* s) {
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < K; i++) {
-    const float xi = x[i];
-    s0 += w[i] * xi;
-    s1 += w[K + i] * xi;
-    s2 += w[2 * K + i] * xi;
-    s3 += w[3 * K + i] * xi;
-  }
-  s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
 }
 
 // tanh-GELU in place; tanh(u) = 1 - 2 / (exp(2u) + 1), u clamped to +-10 (tanh = +-1 in float).
@@ -74,31 +251,31 @@ void layer_norm(const float* x, int64_t B, int64_t C, const float* w, const floa
 
 enum class Epilogue { kStore, kGelu, kAddToOut };
 
-// out[b, n] = bias[n] + W[n, :] . x[b, :] for W (N, K) row-major (bias may be null); then kGelu
-// applies GELU, kAddToOut adds it to what out holds (the residual). Called by every thread of
-// the block's parallel region: chunks of 64 rows are handed out dynamically (a thread slowed
-// by a neighbour does not hold the other up); each row is read once for every b.
+// out[b, n] = bias[n] + W[n, :] . x[b, :] for the matrix m (N, K); then kGelu applies GELU,
+// kAddToOut adds it to what out holds (the residual). Called by every thread of a parallel
+// region: chunks of 64 rows of W are handed out dynamically (a thread slowed by a neighbour does
+// not hold the other up); each row of W is read from memory once for all B rows of x (groups of
+// 4 rows stay in L1 while up to 4 rows of x at a time pass over them).
 template <Epilogue E>
-void linear(const float* x, int64_t B, int64_t K, const float* W, const float* bias, int64_t N, float* out) {
-  const int64_t chunks = (N + 63) / 64;
+void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, float* out) {
+  const int64_t N = m.N, K = m.K, chunks = (N + 63) / 64;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks; c++) {
     const int64_t n0 = c * 64, n1 = std::min(n0 + 64, N);
-    for (int64_t n = n0; n < n1; n += 4) {
-      const int64_t rows = std::min<int64_t>(4, n1 - n);
-      for (int64_t b = 0; b < B; b++) {
-        float s[4];
-        if (rows == 4) {
-          dot4(W + n * K, K, x + b * K, s);
-        } else {
-          for (int64_t r = 0; r < rows; r++) s[r] = dot(W + (n + r) * K, x + b * K, K);
-        }
-        for (int64_t r = 0; r < rows; r++) {
-          const float v = s[r] + (bias ? bias[n + r] : 0.0f);
-          float& o = out[b * N + n + r];
-          o = E == Epilogue::kAddToOut ? o + v : v;
-        }
+    for (int64_t n = n0; n < n1;) {
+      const int rows = n1 - n >= kRows ? kRows : 1;  // the chunk's last rows one at a time
+      for (int64_t b = 0; b < B; b += kBatch) {
+        const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b));
+        float s[kRows * kBatch];
+        dots.f[rows == kRows][nb - 1](m, n, x + b * K, s);
+        for (int r = 0; r < rows; r++)
+          for (int j = 0; j < nb; j++) {
+            const float v = s[r * nb + j] + (m.bias ? m.bias[n + r] : 0.0f);
+            float& o = out[(b + j) * N + n + r];
+            o = E == Epilogue::kAddToOut ? o + v : v;
+          }
       }
+      n += rows;
     }
     if (E == Epilogue::kGelu)
       for (int64_t b = 0; b < B; b++) gelu_tanh_(out + b * N + n0, n1 - n0);
@@ -142,22 +319,30 @@ void attend(const float* qkv, int64_t B, int64_t H, int64_t D, float* cache_k, f
 
 at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList w, at::Tensor& cache_k, at::Tensor& cache_v,
                             int64_t pos) {
-  TORCH_CHECK(w.size() == 12, "decode_block: expected 12 weight tensors, got ", w.size());
+  TORCH_CHECK(w.size() == N_WEIGHTS, "decode_block: expected ", N_WEIGHTS, " weight tensors, got ", w.size());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "decode_block: x must be a contiguous (B, C) float32 tensor");
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.is_contiguous() && cache_v.is_contiguous() &&
-                  cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kFloat,
+                  cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kFloat &&
+                  cache_v.scalar_type() == at::kFloat,
               "decode_block: cache_k, cache_v must be contiguous (B, H, L, D) float32 tensors");
-  for (const auto& t : w)
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "decode_block: weights must be contiguous float32");
+  for (const Weight i : {LN1_W, LN1_B, LN2_W, LN2_B})
+    TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous(), "decode_block: LayerNorms must be float32");
   const int64_t B = x.size(0), C = x.size(1), H = cache_k.size(1), L = cache_k.size(2), D = cache_k.size(3);
   TORCH_CHECK(cache_k.size(0) == B && H * D == C, "decode_block: cache shape does not match x");
   TORCH_CHECK(0 <= pos && pos < L, "decode_block: pos ", pos, " outside the cache's ", L, " positions");
-  const int64_t F = w[8].size(0);  // MLP width (4C)
-  TORCH_CHECK(w[2].sizes() == at::IntArrayRef({3 * C, C}) && w[4].sizes() == at::IntArrayRef({C, C}) &&
-                  w[8].sizes() == at::IntArrayRef({F, C}) && w[10].sizes() == at::IntArrayRef({C, F}),
+  const Matrix qkv_m = matrix(w[QKV_W], w[QKV_S], w[QKV_B], "decode_block: c_attn");
+  const Matrix proj_m = matrix(w[PROJ_W], w[PROJ_S], w[PROJ_B], "decode_block: attn.c_proj");
+  const Matrix fc_m = matrix(w[FC_W], w[FC_S], w[FC_B], "decode_block: c_fc");
+  const Matrix out_m = matrix(w[OUT_W], w[OUT_S], w[OUT_B], "decode_block: mlp.c_proj");
+  const int64_t F = fc_m.N;  // MLP width (4C)
+  TORCH_CHECK(qkv_m.N == 3 * C && qkv_m.K == C && proj_m.N == C && proj_m.K == C && fc_m.K == C && out_m.N == C &&
+                  out_m.K == F && w[LN1_W].numel() == C && w[LN1_B].numel() == C && w[LN2_W].numel() == C &&
+                  w[LN2_B].numel() == C,
               "decode_block: weight shapes do not match n_embd ", C);
-  auto f32 = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; };
+  const DotTable dq = dot_table(qkv_m.kind), dp = dot_table(proj_m.kind), df = dot_table(fc_m.kind),
+                 dm = dot_table(out_m.kind);
+  auto f32 = [&](Weight i) { return w[i].data_ptr<float>(); };
 
   at::Tensor out = x.clone();
   at::Tensor h = at::empty({B, C}, x.options()), qkv = at::empty({B, 3 * C}, x.options());
@@ -169,18 +354,103 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList w, at::Tensor& c
 #pragma omp parallel num_threads(at::get_num_threads())
   {
 #pragma omp single
-    layer_norm(o, B, C, f32(w[0]), f32(w[1]), hp);
-    linear<Epilogue::kStore>(hp, B, C, f32(w[2]), f32(w[3]), 3 * C, qp);
+    layer_norm(o, B, C, f32(LN1_W), f32(LN1_B), hp);
+    linear<Epilogue::kStore>(hp, B, qkv_m, dq, qp);
     attend(qp, B, H, D, cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), L, pos, yp);
-    linear<Epilogue::kAddToOut>(yp, B, C, f32(w[4]), f32(w[5]), C, o);
+    linear<Epilogue::kAddToOut>(yp, B, proj_m, dp, o);
 #pragma omp single
-    layer_norm(o, B, C, f32(w[6]), f32(w[7]), hp);
-    linear<Epilogue::kGelu>(hp, B, C, f32(w[8]), f32(w[9]), F, fp);
-    linear<Epilogue::kAddToOut>(fp, B, F, f32(w[10]), f32(w[11]), C, o);
+    layer_norm(o, B, C, f32(LN2_W), f32(LN2_B), hp);
+    linear<Epilogue::kGelu>(hp, B, fc_m, df, fp);
+    linear<Epilogue::kAddToOut>(fp, B, out_m, dm, o);
   }
+  return out;
+}
+
+// x (M, K) float32 -> x W^T + bias (M, N) float32, for W stored as above: the LM head's product
+// (and any linear layer's) at generation's few rows.
+at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "quantized_linear: x must be a contiguous (M, K) float32 tensor");
+  const Matrix m = matrix(weight, scale, bias, "quantized_linear");
+  TORCH_CHECK(m.K == x.size(1), "quantized_linear: x has ", x.size(1), " columns, the weight ", m.K);
+  const int64_t M = x.size(0);
+  at::Tensor out = at::empty({M, m.N}, x.options());
+  const DotTable dots = dot_table(m.kind);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#pragma omp parallel num_threads(at::get_num_threads())
+  linear<Epilogue::kStore>(xp, M, m, dots, op);
+  return out;
+}
+
+// One block of n <= 32 weights -> q, returning its scale: max |w| / 127 rounded to float16 (NaN
+// if a weight is NaN), q = round-half-even(w / scale) as w * (1 / scale).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+at::Half quantize_block(const float* w, int64_t n, int8_t* q) {
+  float amax = 0.0f;
+  int nan = 0;
+#pragma omp simd reduction(max : amax) reduction(+ : nan)
+  for (int64_t i = 0; i < n; i++) {
+    const float a = std::fabs(w[i]);
+    amax = a > amax ? a : amax;
+    nan += a != a;
+  }
+  const at::Half d = static_cast<at::Half>(nan ? NAN : amax / 127.0f);
+  const float inv = static_cast<float>(d) > 0.0f ? 1.0f / static_cast<float>(d) : 0.0f;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds |v| < 2^22 to an integer, half-even
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) {
+    const float v = std::max(-127.0f, std::min(127.0f, w[i] * inv));
+    q[i] = static_cast<int8_t>((v + magic) - magic);
+  }
+  return d;
+}
+
+// w (N, K) float32 -> (q int8 (N, K), scale float16 (N, ceil(K / 32))): quantize_block per block
+// of 32 along a row, as gpt.quantize_weight computes them, bit for bit; one pass over w.
+std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "quantize_int8: w must be a (N, K) float32 tensor");
+  const at::Tensor wc = w.contiguous();
+  const int64_t N = wc.size(0), K = wc.size(1), nblk = (K + QBLOCK - 1) / QBLOCK;
+  at::Tensor q = at::empty({N, K}, wc.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({N, nblk}, wc.options().dtype(at::kHalf));
+  const float* wp = wc.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  at::Half* sp = scale.data_ptr<at::Half>();
+  parallel_rows(N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t j = 0; j < K; j += QBLOCK)
+        sp[r * nblk + j / QBLOCK] = quantize_block(wp + r * K + j, std::min(QBLOCK, K - j), qp + r * K + j);
+  });
+  return {q, scale};
+}
+
+// q (N, K) int8, scale (N, ceil(K / 32)) float16 -> the weight q * scale as bfloat16 (one rounding),
+// in one pass: what the prompt's bfloat16 GEMM reads, without float32 copies of the matrix.
+at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
+  const Matrix m = matrix(q, scale, at::Tensor(), "dequantize_int8");
+  TORCH_CHECK(m.kind == Kind::I8, "dequantize_int8: q must be int8");
+  const int64_t N = m.N, K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
+  at::Tensor out = at::empty({N, K}, q.options().dtype(at::kBFloat16));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  parallel_rows(N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t j = 0; j < K; j += QBLOCK) {
+        const float d = static_cast<float>(m.scale[r * nblk + j / QBLOCK]);
+        for (int64_t i = j; i < std::min(j + QBLOCK, K); i++)
+          op[r * K + i] = static_cast<at::BFloat16>(static_cast<float>(qp[r * K + i]) * d);
+      }
+  });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gpt, CPU, m) { m.impl("decode_block", &decode_block_cpu); }
+TORCH_LIBRARY_IMPL(gpt, CPU, m) {
+  m.impl("decode_block", &decode_block_cpu);
+  m.impl("quantized_linear", &quantized_linear_cpu);
+  m.impl("quantize_int8", &quantize_int8_cpu);
+  m.impl("dequantize_int8", &dequantize_int8_cpu);
+}

@@ -1,0 +1,190 @@
+"""Weights stored in bfloat16 or int8 (gpt.quantize): the int8 rule (C++ against its torch
+reference, bit for bit, and the error bound it promises), gpt::quantized_linear against F.linear
+of the dequantized weight (float32 tolerance), what quantize converts and keeps, the prompt's
+bfloat16 GEMMs, generation from stored weights on both backends, how close bf16 and int8 stay
+to float32 (tokens, perplexity), and generate's inputs (list, 1-D, 2-D)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt
+
+
+@pytest.fixture(params=["avx512", "generic"])
+def isa(request, monkeypatch):
+    if request.param == "generic":
+        monkeypatch.setenv("GPT_CPU_ISA", "generic")
+    return request.param
+
+
+def awkward_weight(N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    w[0, : min(K, 5)] *= 1e4  # a block with a few huge weights
+    if N > 2:
+        w[1] = 0.0  # all-zero blocks: scale 0, q 0
+        w[2, ::2] = 0.5 * torch.arange(len(w[2, ::2])) / 127  # exact halves of a step: round half to even
+    return w
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 31), (5, 32), (7, 33), (67, 85), (4, 768)])
+def test_int8_kernel_is_the_reference_bit_for_bit(ext, N, K):
+    w = awkward_weight(N, K)
+    q, scale = torch.ops.gpt.quantize_int8(w)
+    q_ref, scale_ref = gpt.quantize_int8_reference(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (N, -(-K // 32))
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_int8_error_is_at_most_half_a_step(backend, request):
+    if backend == "ext":
+        request.getfixturevalue("ext")
+    w = awkward_weight(67, 85)
+    with gpt.backend(backend):
+        q, scale = gpt.quantize_weight(w, "int8")
+    step = scale.float().repeat_interleave(32, dim=1)[:, :85]
+    err = (gpt.dequantize_weight(q, scale) - w).abs()
+    assert (err <= 0.5 * step * (1 + 1e-3) + 1e-12).all()  # float16 scale rounding: a hair over half
+    assert q.abs().max() == 127 and (q[1] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e7])
+def test_int8_refuses_weights_it_cannot_store(ext, bad):
+    w = torch.randn(4, 40)
+    w[2, 33] = bad
+    with pytest.raises(gpt.GPTError, match="use --dtype bfloat16"):
+        gpt.quantize_weight(w, "int8")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("M,N,K,bias", [(1, 1, 1, True), (1, 67, 85, False), (3, 5, 33, True), (5, 130, 64, True),
+                                        (8, 9, 17, False)])
+def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K, bias):
+    w = awkward_weight(N, K)
+    stored, scale = gpt.quantize_weight(w, dtype) if dtype != "float32" else (w, torch.empty(0))
+    x = 3 * torch.randn(M, K)
+    b = torch.randn(N) if bias else None
+    got = torch.ops.gpt.quantized_linear(x, stored, scale, b if bias else torch.empty(0))
+    expected = F.linear(x, gpt.dequantize_weight(stored, scale), b)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 33), (67, 85), (4, 768)])
+def test_dequantize_to_bfloat16_is_one_rounding(ext, N, K):
+    q, scale = gpt.quantize_weight(awkward_weight(N, K), "int8")
+    got = torch.ops.gpt.dequantize_int8(q, scale)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, gpt.dequantize_weight(q, scale).bfloat16())
+
+
+def test_opcheck_quantized_linear(ext):
+    stored, scale = gpt.quantize_weight(awkward_weight(9, 40), "int8")
+    torch.library.opcheck(torch.ops.gpt.quantized_linear.default, (torch.randn(3, 40), stored, scale, torch.randn(9)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.gpt.quantize_int8.default, (torch.randn(9, 40),),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.gpt.dequantize_int8.default, (stored, scale),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def tiny_model(tie_weights, seed=0):
+    torch.manual_seed(seed)
+    return gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=3, n_embd=48, block_size=24, qkv_bias=True,
+                                 tie_weights=tie_weights)).eval()
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_quantize_converts_every_matrix_and_keeps_the_rest(dtype, tie_weights):
+    model = tiny_model(tie_weights)
+    ln = model.h[0].ln_1.weight.clone()
+    bias = model.h[1].mlp.c_fc.bias.clone()
+    wte = model.wte.weight.clone()
+    gpt.quantize(model, dtype)
+    stored = {torch.bfloat16: "bfloat16", torch.int8: "int8"}
+    for name in ("wte", "wpe", "lm_head", "h.0.attn.c_attn", "h.1.mlp.c_proj"):
+        assert stored[model.get_submodule(name).qweight.dtype] == dtype, name
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert (model.lm_head.qweight is model.wte.qweight) == tie_weights  # a tied head stays one table
+    assert torch.equal(model.h[0].ln_1.weight, ln) and model.h[0].ln_1.weight.dtype == torch.float32
+    assert torch.equal(model.h[1].mlp.c_fc.bias, bias)
+    tol = 2**-8 if dtype == "bfloat16" else 0.5 / 127
+    err = (model.wte.weight - wte).abs().max() / wte.abs().max()
+    assert 0 < err <= tol
+    with pytest.raises(gpt.GPTError, match="already quantized"):
+        gpt.quantize(model, "int8")
+    with pytest.raises(gpt.GPTError, match="dtype must be one of"):
+        gpt.quantize(tiny_model(True), "float16")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_the_prompt_runs_as_bfloat16_gemms(dtype, monkeypatch):
+    """More than a few rows: F.linear on bfloat16 operands (oneDNN), float32 out, close to float32
+    with the same stored weights (bfloat16 activations: ~3 significant digits)."""
+    model = tiny_model(False)
+    gpt.quantize(model, dtype)
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append((x.dtype, w.dtype)) or linear(x, w, b))
+    idx = torch.randint(50257, (2, 12))
+    with torch.no_grad():
+        got = model(idx)
+    monkeypatch.setattr(F, "linear", linear)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert len(seen) == 2 * 4 + 1  # 4 matrices per block and the LM head
+    reference = tiny_model(False)  # float32, holding the dequantized weights
+    with torch.no_grad():
+        reference.load_state_dict({k: v for k, v in model_float32_state(model).items()})
+        expected = reference(idx)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+
+
+def model_float32_state(model):
+    """model's state dict with every stored matrix dequantized, under nn.Linear's names."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (gpt.QuantizedLinear, gpt.QuantizedEmbedding)):
+            state[f"{name}.weight"] = module.weight
+            if getattr(module, "bias", None) is not None:
+                state[f"{name}.bias"] = module.bias
+        elif isinstance(module, torch.nn.LayerNorm):
+            state[f"{name}.weight"], state[f"{name}.bias"] = module.weight, module.bias
+    return state
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_generation_from_stored_weights_is_the_same_on_both_backends(ext, dtype):
+    """Greedy, batch 3 with one slide past block_size: the ext decode kernels against the torch
+    path (float32 activations, dequantized weights; the prompt's GEMMs identical)."""
+    model = gpt.quantize(tiny_model(False), dtype)
+    with torch.no_grad():
+        for m in model.modules():  # louder weights: argmaxes far from ties
+            if isinstance(m, gpt.QuantizedLinear) and m.bias is not None:
+                m.bias.normal_(0, 1.0)
+    prompt = torch.randint(50257, (3, 10), generator=torch.Generator().manual_seed(3))
+    got = gpt.generate(model, prompt, 20)
+    with gpt.backend("torch"):
+        expected = gpt.generate(model, prompt, 20)
+    assert torch.equal(got, expected)
+
+
+def test_generate_takes_a_list_a_1d_or_a_2d_tensor(ext):
+    model = tiny_model(True)
+    prompt = [15496, 995, 11]
+    rows = gpt.generate(model, torch.tensor([prompt, prompt]), 5)
+    as_list = gpt.generate(model, prompt, 5)
+    as_1d = gpt.generate(model, torch.tensor(prompt), 5)
+    assert isinstance(as_list, list) and as_list == rows[0].tolist() == rows[1].tolist()
+    assert as_1d.shape == (8,) and torch.equal(as_1d, rows[0])
+    assert gpt.generate(model, prompt, 0) == prompt
+    for bad in ([], torch.zeros(2, 2, 2, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="idx must be a non-empty list of token ids"):
+            gpt.generate(model, bad, 3)
+
+
+def test_generate_documents_every_argument():
+    import inspect
+
+    doc = gpt.generate.__doc__
+    for name in inspect.signature(gpt.generate).parameters:
+        assert f"{name}:" in doc, name
