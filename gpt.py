@@ -687,6 +687,7 @@ KERNELS = {
     "cross_entropy": (("cross_entropy_loss", "cross_entropy_loss_grad_"), ("cpu", "cuda")),
     "sample": (("sample",), ("cpu", "cuda")),
     "decode": (("decode_block", "quantized_linear", "quantize_int8", "dequantize_int8"), ("cpu",)),
+    "dropout_add": (("dropout_add", "dropout_backward"), ("cpu",)),
 }
 _ext_status = None  # None: not loaded yet; "": loaded; else why it cannot load
 
@@ -703,6 +704,7 @@ def load_extension():
         _ext_status = _load_ext_library()
         if not _ext_status:
             _register_attention()
+            _register_dropout_add()
             _register_cross_entropy()
             _register_sample()
             _register_decode_block()
@@ -785,15 +787,16 @@ def _mix32(x):
 
 
 def dropout_keep_at(seed, n, dropout_p):
-    """Whether attention dropout keeps the scores at positions n (int64, n = ((b*H + h)*T + i)*T + j):
+    """Whether dropout keeps the elements at flat positions n (int64; attention's scores:
+    n = ((b*H + h)*T + i)*T + j): a counter-based hash of (seed, n), so the kernels regenerate the
+    mask in backward instead of storing it (dropout_hash.h in csrc/, bit for bit).
     key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); keep iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24."""
     key = _mix32(((n >> 32) + (((seed & 0xFFFFFFFF) * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
     return (_mix32((n & 0xFFFFFFFF) ^ key) >> 8) >= int(dropout_p * 16777216)
 
 
 def attention_dropout_keep(seed, B, H, T, dropout_p, device=None):
-    """Keep-mask (B, H, T, T) of attention dropout: a counter-based hash of (seed, position), so
-    the kernels regenerate it in backward instead of storing it."""
+    """Keep-mask (B, H, T, T) of attention dropout."""
     return dropout_keep_at(seed, torch.arange(B * H * T * T, device=device, dtype=torch.int64).view(B, H, T, T),
                            dropout_p)
 
@@ -815,7 +818,7 @@ def causal_attention_reference(q, k, v, dropout_p=0.0, seed=0):
 def _register_attention():
     @torch.library.register_fake("gpt::attention_forward")
     def _(q, k, v, dropout_p, seed):
-        return torch.empty_like(q), q.new_empty(q.shape[:-1])
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("gpt::attention_backward")
     def _(grad_out, q, k, v, out, lse, dropout_p, seed):
@@ -834,15 +837,58 @@ def _register_attention():
 
 
 def causal_attention(q, k, v, dropout_p=0.0, seed=0):
-    """Causal self-attention of q, k, v (B, H, T, D) with attention dropout (mask drawn from seed)."""
+    """Causal self-attention of q, k, v (B, H, T, D) with attention dropout (mask drawn from seed).
+    The CPU kernels take bf16 (autocast's) as it is, the CUDA kernels float32."""
     if _ext_device_ok("attention", q):
-        dtype = q.dtype
-        out, _ = torch.ops.gpt.attention_forward(q.float().contiguous(), k.float().contiguous(),
-                                                 v.float().contiguous(), dropout_p, seed)
-        return out.to(dtype)
+        dtype = q.dtype if q.dtype == torch.bfloat16 and q.device.type == "cpu" else torch.float32
+        out, _ = torch.ops.gpt.attention_forward(*(t.to(dtype).contiguous() for t in (q, k, v)), dropout_p, seed)
+        return out.to(q.dtype)
     if dropout_p == 0:  # same math, PyTorch's flash kernel
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return causal_attention_reference(q, k, v, dropout_p, seed)[0]
+
+
+# --- residual dropout ------------------------------------------------------------
+# x + dropout(y) for the residual branches: the mask is dropout_keep_at's hash of a seed, so the
+# kernel neither draws nor stores one, and the add, the scale and (under autocast) the bf16 -> fp32
+# widening of the branch happen in one pass.
+
+def dropout_add_reference(x, y, dropout_p, seed):
+    """x + y * keep / (1 - p), keep = dropout_keep_at(seed, flat index, p): nn.Dropout's scaling."""
+    keep = dropout_keep_at(seed, torch.arange(y.numel(), device=y.device).view(y.shape), dropout_p)
+    return x + y.float() * keep / (1.0 - dropout_p)
+
+
+def _register_dropout_add():
+    @torch.library.register_fake("gpt::dropout_add")
+    def _(x, y, dropout_p, seed):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("gpt::dropout_backward")
+    def _(grad, dropout_p, seed, dtype):
+        return torch.empty_like(grad, dtype=dtype)
+
+    def setup_context(ctx, inputs, output):
+        _, y, ctx.dropout_p, ctx.seed = inputs
+        ctx.y_dtype = y.dtype
+
+    def backward(ctx, grad):
+        grad_y = torch.ops.gpt.dropout_backward(grad.contiguous(), ctx.dropout_p, ctx.seed, ctx.y_dtype)
+        return grad, grad_y, None, None
+
+    torch.library.register_autograd("gpt::dropout_add", backward, setup_context=setup_context)
+
+
+def dropout_add(x, y, dropout_p):
+    """x + dropout(y), the seed of the mask drawn from torch's RNG (so runs and resumes replay)."""
+    if dropout_p == 0:
+        return x + y
+    seed = int(torch.randint(2**31, (1,)))
+    fused_dtypes = (x.dtype, y.dtype) in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                           (torch.bfloat16, torch.bfloat16))
+    if _ext_device_ok("dropout_add", x) and fused_dtypes and x.shape == y.shape:
+        return torch.ops.gpt.dropout_add(x.contiguous(), y.contiguous(), dropout_p, seed)
+    return dropout_add_reference(x, y, dropout_p, seed).to(torch.promote_types(x.dtype, y.dtype))
 
 
 # --- cross-entropy -------------------------------------------------------------
@@ -855,11 +901,17 @@ def cross_entropy_reference(logits, targets):
 def _register_cross_entropy():
     @torch.library.register_fake("gpt::cross_entropy_loss")
     def _(logits, targets, check_targets=True):
-        return logits.new_empty(logits.shape[:1])
+        return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
     @torch.library.register_fake("gpt::cross_entropy_loss_grad_")
     def _(logits, targets, grad_scale, check_targets=True):
-        return logits.new_empty(logits.shape[:1])
+        return logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+def _ce_dtype(t):
+    """The logits dtype the kernels take for t: bfloat16 as is on the CPU (statistics in float32), else float32."""
+    return torch.bfloat16 if t.dtype == torch.bfloat16 and t.device.type == "cpu" else torch.float32
+
 
 # gpt's own calls pass check_targets=False: on a GPU the op's target check is a host read per call
 # (16 per step through linear+CE); a bad target then trips a device-side assert, as in F.cross_entropy.
@@ -908,13 +960,14 @@ def _scaled(grad, scale):
 
 def cross_entropy(logits, targets, inplace=False):
     """Mean cross-entropy over targets that are not -100. With inplace=True (ext backend) the
-    gradient overwrites logits, which the caller must not use afterwards."""
+    gradient overwrites logits, which the caller must not use afterwards. bf16 logits (CPU) are
+    taken as they are; the loss is float32, the gradient bf16."""
     logits2d, targets1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     if not _ext_device_ok("cross_entropy", logits):
         return F.cross_entropy(logits2d.float(), targets1d, ignore_index=-100)
-    logits2d = logits2d.float().contiguous()
+    logits2d = logits2d.to(_ce_dtype(logits2d)).contiguous()
     if torch.is_grad_enabled() and logits2d.requires_grad:
-        private_copy = logits2d.data_ptr() != logits.data_ptr()  # .float() or .contiguous() copied
+        private_copy = logits2d.data_ptr() != logits.data_ptr()  # .to() or .contiguous() copied
         return _FusedCrossEntropy.apply(logits2d, targets1d, inplace or private_copy)
     return torch.ops.gpt.cross_entropy_loss(logits2d, targets1d, False).sum() / (targets1d != -100).sum()
 
@@ -922,13 +975,15 @@ def cross_entropy(logits, targets, inplace=False):
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ weight^T) against targets, chunked over rows so the N x V logits
     never exist at once (as Liger's FusedLinearCrossEntropy): each chunk's logits become their own
-    gradient in place, which the forward turns into grad_h and grad_weight right away."""
+    gradient in place, which the forward turns into grad_h and grad_weight right away. h and weight
+    come in the GEMMs' dtype (float32, or bfloat16 whose chunk GEMMs run at the bf16 rate; then
+    grad_weight sums the chunks in bf16, one rounding per chunk, and autograd widens it)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
         n_valid, ctx.inv_n = _count_valid(targets)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         loss = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), chunk_rows):
             h_chunk, t_chunk = h[s: s + chunk_rows], targets[s: s + chunk_rows]
@@ -936,7 +991,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += torch.ops.gpt.cross_entropy_loss_grad_(logits, t_chunk, ctx.inv_n or 1.0, False).sum()
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s: s + chunk_rows])
-            if grad_w is not None:
+            if grad_w is not None and s == 0:  # the first chunk writes grad_w: no zeroing pass
+                torch.mm(logits.t(), h_chunk, out=grad_w)
+            elif grad_w is not None:
                 grad_w.addmm_(logits.t(), h_chunk)
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         return loss / n_valid
@@ -950,12 +1007,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows=512):
-    """cross_entropy(h @ weight^T, targets) for final hidden states h (N, C) and the LM head (V, C)."""
+    """cross_entropy(h @ weight^T, targets) for final hidden states h (N, C) and the LM head (V, C).
+    Under bf16 autocast on the CPU the GEMMs run in bf16 (weight cast once per call, as autocast's
+    F.linear would), the log-softmax and its gradient in float32."""
     h2d, targets1d = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     if not _ext_device_ok("cross_entropy", h):
         return F.cross_entropy(F.linear(h2d, weight).float(), targets1d, ignore_index=-100)
-    h2d, weight = h2d.float().contiguous(), weight.float()
-    with torch.autocast(h.device.type, enabled=False):  # the kernel takes float32 logits
+    dev = h.device.type
+    bf16 = h.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
+    dtype = torch.bfloat16 if bf16 and dev == "cpu" else torch.float32  # the CUDA kernel takes float32
+    h2d, weight = h2d.to(dtype).contiguous(), weight.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in `dtype`
         if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h2d, weight, targets1d, chunk_rows)
         rows = [torch.ops.gpt.cross_entropy_loss(h2d[s: s + chunk_rows] @ weight.t(), targets1d[s: s + chunk_rows],
@@ -1218,7 +1280,7 @@ SLOWER_WITHIN_NOISE = 1.1  # ext counts as not slower up to this ratio: repeated
 # CPU's whole check to about a second.
 _TIMING_SHAPES = {
     "cpu": {"attention": (1, 2, 256, 64), "cross_entropy": (32, 50257), "sample": (1, 50257, [(0.8, 50, 0.95)]),
-            "decode": (768, 12)},
+            "decode": (768, 12), "dropout_add": (2, 128, 768)},
     "cuda": {"attention": (4, 12, 1024, 64), "cross_entropy": (2048, 50257), "sample": (8, 50257, [(0.8, 50, 0.95)])},
 }
 
@@ -1286,12 +1348,31 @@ def _decode_case(g, device, C, H, B=1, L=256, pos=200, int8=False):
     return run
 
 
+def _dropout_add_case(g, device, *shape):
+    """x + dropout(y) on a residual stream and its gradients, y float32 and (autocast's) bfloat16.
+    p = 0.5 scales by exactly 2, so both paths round alike."""
+    x, y, dout = (torch.randn(*shape, generator=g).to(device) for _ in range(3))
+
+    def run():
+        results = []
+        for y_dtype in (torch.float32, torch.bfloat16):
+            leaves = [x.clone().requires_grad_(), y.to(y_dtype, copy=True).requires_grad_()]
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(7)  # the same mask seed on either path
+                out = dropout_add(*leaves, 0.5)
+            out.backward(dout)
+            results += [out.detach()] + [t.grad for t in leaves]
+        return results
+    return run
+
+
 # kernel -> (a small case with awkward sizes: (case, args, atol, rtol), the timing case)
 _KERNEL_CHECKS = {
     "attention": ((_attention_case, (2, 3, 71, 40, 2.0), 1e-4, 1e-3), _attention_case),
     "cross_entropy": ((_cross_entropy_case, (67, 1003, 40), 1e-4, 1e-3), _cross_entropy_case),
     "sample": ((_sample_case, (5, 1003), 0, 0), _sample_case),
     "decode": ((_decode_case, (60, 5, 3, 17, 9, True), 1e-4, 1e-3), _decode_case),
+    "dropout_add": ((_dropout_add_case, (3, 37, 50), 1e-4, 1e-3), _dropout_add_case),
 }
 
 
@@ -1467,8 +1548,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # its dropout: Block's dropout_add
 
     def forward(self, x, kv_cache=None, pos=0):
         B, T, C = x.shape
@@ -1482,23 +1562,22 @@ class CausalSelfAttention(nn.Module):
                 mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
                 y = F.scaled_dot_product_attention(q, cache_k[:, :, : pos + T], cache_v[:, :, : pos + T],
                                                    attn_mask=mask)
-                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+                return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         dropout_p = self.dropout if self.training else 0.0
         # the dropout mask is a hash of this seed, drawn from torch's RNG so runs and resumes replay
         seed = int(torch.randint(2**31, (1,))) if dropout_p > 0 else 0
         y = causal_attention(q, k, v, dropout_p, seed)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)  # its dropout: Block's dropout_add
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -1508,6 +1587,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.dropout = config.dropout  # on both residual branches, fused with the residual add
         self.fused_decode = decode_block_supports(config)
 
     def forward(self, x, kv_cache=None, pos=0):
@@ -1515,8 +1595,9 @@ class Block(nn.Module):
         # here needs the same change there, or a GPTConfig field that sends decoding here.
         if kv_cache is not None and pos > 0 and _decode_block_ok(x, self):  # one new token: one fused call
             return decode_block(self, x, kv_cache, pos)
-        x = x + self.attn(self.ln_1(x), kv_cache, pos)
-        return x + self.mlp(self.ln_2(x))
+        dropout_p = self.dropout if self.training else 0.0
+        x = dropout_add(x, self.attn(self.ln_1(x), kv_cache, pos), dropout_p)
+        return dropout_add(x, self.mlp(self.ln_2(x)), dropout_p)
 
 
 class GPT(nn.Module):
@@ -1655,7 +1736,7 @@ class TrainConfig:
     # system
     seed: int = 123
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 autocast where the hardware multiplies bf16 natively, else float32
     compile: bool = False
     backend: str = None  # None = $GPT_BACKEND or auto
     tensorboard: bool = False  # also write metrics.jsonl's scalars to out_dir/tensorboard (pip install tensorboard)
@@ -1665,7 +1746,7 @@ TRAIN_PRESETS = {
     # chapter 5's run: GPT-124M, batch 2, 10 epochs, AdamW 4e-4 with decay 0.1 on all weights, no schedule
     "book": dict(batch_size=2, epochs=10, max_iters=None, lr=4e-4, schedule="constant", warmup_iters=0,
                  weight_decay=0.1, beta2=0.999, grad_clip=0.0, eval_interval=5, eval_iters=5,
-                 start="Every effort moves you"),
+                 start="Every effort moves you", dtype="float32"),
 }
 
 
@@ -1695,11 +1776,28 @@ def validate_train_config(cfg):
         raise GPTError(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.schedule not in ("cosine", "constant"):
         raise GPTError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
-    if cfg.dtype not in DTYPES:
-        raise GPTError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise GPTError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name, device):
+    """The autocast dtype of --dtype name on device, and why. 'auto' is bfloat16 where the hardware
+    multiplies bf16 natively (a CPU with AMX or AVX512-BF16, a GPU with bf16), else float32: emulated
+    bf16 matrix products are slower than float32 ones. Master weights and AdamW state stay float32."""
+    if name != "auto":
+        return name, "--dtype"
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", "auto: the GPU multiplies bf16 natively"
+        return "float32", "auto: the GPU has no native bf16"
+    if str(device).startswith("mps"):
+        return "float32", "auto: bf16 on Apple MPS is untested here"
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        return "bfloat16", "auto: the CPU multiplies bf16 natively (AMX or AVX512-BF16)"
+    return "float32", "auto: the CPU has no native bf16 (AMX or AVX512-BF16), emulated bf16 is slower"
 
 
 def pick_device(name):
@@ -2138,6 +2236,8 @@ def train(cfg, given=None):
     tokens, train_loader, val_loader = build_loaders(cfg, model.config.block_size, rank, world)
     total_steps = cfg.max_iters or cfg.epochs * (len(train_loader) // cfg.grad_accum)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    dtype_name, dtype_why = pick_dtype(cfg.dtype, device)
+    cfg = dataclasses.replace(cfg, dtype=dtype_name)  # "auto" resolved; the checkpoint records what ran
     autocast = torch.autocast(device_type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "float32")
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     if checkpoint is not None:
@@ -2149,7 +2249,8 @@ def train(cfg, given=None):
     if world > 1:
         run_model = torch.nn.parallel.DistributedDataParallel(run_model)
     start_ids = text_to_token_ids(cfg.start).to(device)
-    log(f"model: {describe_model(model, cfg)} | kernels: {backend} | device: {device} | {len(tokens):,} tokens: "
+    log(f"model: {describe_model(model, cfg)} | kernels: {backend} | device: {device}, {cfg.dtype} ({dtype_why}) | "
+        f"{len(tokens):,} tokens: "
         f"{len(train_loader.starts):,} train windows, "
         + (f"{len(val_loader.starts):,} val windows" if val_loader else "no validation split (--val_fraction 0): "
            "best.pt has the lowest train loss")

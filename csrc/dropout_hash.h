@@ -1,6 +1,7 @@
-// The attention-dropout mask, one definition for the CPU and CUDA kernels (gpt.attention_dropout_keep
-// is its Python twin, bit for bit). Score (b, h, i, j) of a (B, H, T, T) head stack has position
-// n = ((b*H + h)*T + i)*T + j; key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); the score is kept
+// The dropout mask, one definition for the CPU and CUDA kernels (gpt.dropout_keep_at is its Python
+// twin, bit for bit). Element n of a flat index space: for attention, score (b, h, i, j) of a
+// (B, H, T, T) head stack is n = ((b*H + h)*T + i)*T + j; for the residual dropout (gpt::dropout_add),
+// the element's index in the tensor. key = mix32(hi32(n) + lo32(seed) * 0x9E3779B9); element n is kept
 // iff mix32(lo32(n) ^ key) >> 8 >= p * 2^24. A counter-based hash: backward regenerates the mask.
 #pragma once
 #include <cstdint>

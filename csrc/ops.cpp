@@ -13,15 +13,17 @@ extern "C" PyObject* PyInit_gpt_ext(void) {
 }
 
 TORCH_LIBRARY(gpt, m) {
-  // Causal softmax attention, flash-style. q, k, v: (B, H, T, D) float32 contiguous.
-  // out = dropout(softmax(q k^T / sqrt(D) + causal mask)) v; lse: (B, H, T) row log-sum-exp
-  // of the scaled scores (before dropout). The dropout mask is a hash of (seed, position),
+  // Causal softmax attention, flash-style. q, k, v: (B, H, T, D) contiguous, float32 (or, on
+  // the CPU, bfloat16: out and the gradients then bf16, the arithmetic float32).
+  // out = dropout(softmax(q k^T / sqrt(D) + causal mask)) v; lse: (B, H, T) float32 row
+  // log-sum-exp of the scaled scores (before dropout). The dropout mask is a hash of (seed, position),
   // regenerated in backward, never stored.
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, float dropout_p, int seed) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
-  // Cross-entropy per row of logits (N, V) float32 with int64 targets (N,); rows whose
-  // target is -100 are ignored (loss 0). Returns the (N,) row losses. check_targets: every
+  // Cross-entropy per row of logits (N, V) float32 (or, on the CPU, bfloat16) with int64
+  // targets (N,); rows whose target is -100 are ignored (loss 0). Returns the (N,) float32
+  // row losses; the statistics are float32 for either dtype. check_targets: every
   // target is checked first, for a clear error (on CUDA at the cost of a host read); false (gpt's
   // own calls, whose targets are token ids), on CUDA a bad target trips a device-side assert, as
   // in F.cross_entropy (the CPU kernels check always: it costs nothing there).
@@ -30,6 +32,11 @@ TORCH_LIBRARY(gpt, m) {
   // (zero rows for ignored targets), as llm.c's fused classifier does.
   m.def("cross_entropy_loss_grad_(Tensor(a!) logits, Tensor targets, float grad_scale, bool check_targets=True) "
         "-> Tensor");
+  // The residual add with dropout on the branch (CPU): out = x + y * keep / (1 - p), keep the
+  // counter hash of (seed, flat index) as attention's; the gradient of y is dropout_backward's
+  // grad * keep / (1 - p) in y's dtype. float32 or bfloat16 tensors, float32 arithmetic.
+  m.def("dropout_add(Tensor x, Tensor y, float p, int seed) -> Tensor");
+  m.def("dropout_backward(Tensor grad, float p, int seed, ScalarType dtype) -> Tensor");
   // One next token per row of logits (B, V) float32: top-k, temperature, top-p, then an
   // inverse-CDF draw with uniform (B,) float64. Returns (B,) int64.
   m.def("sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) -> Tensor");

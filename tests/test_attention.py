@@ -74,6 +74,63 @@ def test_isa_paths_match_reference(ext, monkeypatch, isa, B, H, T, D, dropout_p)
     check_against_reference(B, H, T, D, dropout_p)
 
 
+# bf16 inputs (what autocast hands the kernels): they are widened to float32 inside, so the kernels
+# match the float64 reference on the same bf16 values up to the rounding of their bf16 outputs
+# (2^-9 relative): out, dq, dk, dv within 2^-8 of the largest magnitude (rtol 2^-8); lse is float32
+# and within 2e-5 as in float32. dq and dk also carry the rounding of the saved bf16 out in
+# Delta = rowsum(dO * out) (as FlashAttention's bf16 kernels): at most 2^-9 max_i sum_d |dO out|
+# / sqrt(D) times max |k| (dq) or |q| (dk), added to their bound. Every ISA path, awkward shapes.
+def check_bfloat16(B, H, T, D, dropout_p, q_scale=1.0, seed=77):
+    q, k, v, grad_out = (t.bfloat16() for t in make_inputs(B, H, T, D, q_scale=q_scale, seed=T * 131 + D))
+    got = kernel(q, k, v, grad_out, dropout_p, seed)
+    want = reference(q.float(), k.float(), v.float(), grad_out.float(), dropout_p, seed)
+    delta_err = 2**-9 * (grad_out.double() * got[0].double()).abs().sum(-1).max().item() / math.sqrt(D)
+    extra = {"dq": delta_err * k.double().abs().max().item(), "dk": delta_err * q.double().abs().max().item()}
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == (torch.float32 if name == "lse" else torch.bfloat16), name
+        if name == "lse":
+            assert_close(g, w, 2e-5, name=name)
+        else:
+            scale = max(1.0, w.abs().max().item())
+            torch.testing.assert_close(g.double(), w, atol=2**-8 * scale + extra.get(name, 0.0), rtol=2**-8,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("isa", [None, "avx2", "generic"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("B,H,T,D", [(3, 5, 1, 64), (3, 5, 7, 32), (1, 3, 65, 128), (2, 3, 257, 64), (1, 3, 127, 20)])
+def test_bfloat16_matches_reference(ext, monkeypatch, isa, B, H, T, D, dropout_p):
+    if isa is not None:
+        monkeypatch.setenv("GPT_CPU_ISA", isa)
+    check_bfloat16(B, H, T, D, dropout_p)
+
+
+def test_bfloat16_large_scores_and_autocast(ext):
+    check_bfloat16(2, 3, 200, 64, 0.1, q_scale=30.0)
+    # under autocast the model hands causal_attention bf16 views; no float32 copy, bf16 out and grads
+    q, k, v, grad_out = (t.bfloat16() for t in make_inputs(2, 3, 70, 32))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gpt.causal_attention(*leaves, 0.2, 9)
+    out.backward(grad_out)
+    assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in leaves)
+    want = reference(q.float(), k.float(), v.float(), grad_out.float(), 0.2, 9)
+    delta_err = 2**-9 * (grad_out.double() * out.double()).abs().sum(-1).max().item() / math.sqrt(32)
+    extra = {"dq": delta_err * k.double().abs().max().item(), "dk": delta_err * q.double().abs().max().item()}
+    for name, g, w in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in leaves], want[:1] + want[2:]):
+        scale = max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g.double(), w, atol=2**-8 * scale + extra.get(name, 0.0), rtol=2**-8)
+
+
+def test_bfloat16_opcheck(ext):
+    q, k, v, grad_out = (t.bfloat16() for t in make_inputs(2, 3, 19, 16))
+    torch.library.opcheck(torch.ops.gpt.attention_forward.default, (q, k, v, 0.3, 5))
+    out, lse = torch.ops.gpt.attention_forward(q, k, v, 0.3, 5)
+    torch.library.opcheck(torch.ops.gpt.attention_backward.default, (grad_out, q, k, v, out, lse, 0.3, 5))
+    with pytest.raises(RuntimeError, match="q is"):  # mixed dtypes are refused, not guessed
+        torch.ops.gpt.attention_forward(q, k.float(), v, 0.0, 0)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_large_scores_are_stable(ext, dropout_p):
     # q x 30: scores in the hundreds, a softmax that overflows without the max subtraction

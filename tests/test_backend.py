@@ -161,6 +161,20 @@ def test_op_table_matches_the_build(ext):
         for op in gpt.ext_ops("cuda"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
     assert "gpt::decode_block" in gpt.ext_ops("cpu") and "gpt::decode_block" not in gpt.ext_ops("cuda")
+    assert "gpt::dropout_add" in gpt.ext_ops("cpu") and "gpt::dropout_add" not in gpt.ext_ops("cuda")
+
+
+def test_dropout_add_is_checked_like_the_others(fresh_check, monkeypatch, capsys):
+    # the residual dropout (CPU kernel only) goes through the same check: a wrong mask is refused
+    plant(monkeypatch, "dropout_add", lambda real: lambda x, y, p, seed: real(x, y, p, seed + 1))
+    x, y = torch.randn(4, 50), torch.randn(4, 50)
+    torch.manual_seed(0)
+    got = gpt.dropout_add(x, y, 0.3)
+    torch.manual_seed(0)
+    assert torch.equal(got, gpt.dropout_add_reference(x, y, 0.3, int(torch.randint(2**31, (1,)))))
+    err = capsys.readouterr().err
+    assert "gpt_ext dropout_add kernel failed its check" in err and "dropout_add=torch" in err
+    assert not gpt._ext_device_ok("dropout_add", x) and gpt._ext_device_ok("attention", x)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

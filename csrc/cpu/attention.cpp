@@ -1,5 +1,8 @@
 // CPU kernels of gpt::attention_forward and gpt::attention_backward (schemas in csrc/ops.cpp):
-// causal flash attention in fp32, with the counter-hash dropout of gpt.attention_dropout_keep.
+// causal flash attention, with the counter-hash dropout of gpt.attention_dropout_keep.
+// q, k, v (and out, grad_*) are float32 or bfloat16; the arithmetic is float32 either way (a bf16
+// head is widened into per-thread float32 buffers as it is read, and results narrowed as written:
+// inputs bf16, scores, softmax statistics and accumulators float32, outputs bf16). lse is float32.
 //
 // Layout: q, k, v, out, grad_* are (B, H, T, D) contiguous, so head bh = b*H + h is the (T, D)
 // row-major block at bh*T*D; lse is (B, H, T). Work is cut in TILE x TILE blocks of the
@@ -27,12 +30,13 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // Vector arguments of always-inlined helpers never cross a real call, so the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#include "../dropout_hash.h"
+#include "common.h"
 
 #define GPT_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -49,17 +53,13 @@ constexpr int64_t TILE = 64;  // query and key rows per block; a multiple of eve
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
-// ---------------------------------------------------------------------------------------------
-// Dropout mask: the hash of csrc/dropout_hash.h (gpt.attention_dropout_keep, bit for bit).
+// The dropout mask (Dropout) is common.h's, over csrc/dropout_hash.h: gpt.dropout_keep_at, bit for bit.
 
-struct Dropout : DropoutHash {
-  bool on;
-  float inv_keep;  // kept probabilities are scaled by 1 / (1 - p)
-  Dropout(double p, int64_t seed)
-      : DropoutHash(p, seed), on(p > 0), inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f) {}
-  // n = ((b*H + h) * T + i) * T + j
-  float scale(uint64_t n) const { return keep(n) ? inv_keep : 0.0f; }
-};
+// Elements of q, k, v, out and the gradients: float, or bf16 held as its uint16_t bits.
+GPT_INLINE float widen(float x) { return x; }
+GPT_INLINE float widen(uint16_t x) { return bf16_to_float(x); }
+GPT_INLINE void narrow_to(float* y, float x) { *y = x; }
+GPT_INLINE void narrow_to(uint16_t* y, float x) { *y = float_to_bf16(x); }
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers. An Isa fixes the vector width W (floats) and the micro-kernel's register
@@ -239,9 +239,11 @@ __attribute__((noinline)) void gemm(Generic, GPT_GEMM_ARGS) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+template <class E>
 struct FwdArgs {
-  const float *q, *k, *v;
-  float *out, *lse;
+  const E *q, *k, *v;
+  E* out;
+  float* lse;
   int64_t T, D;
   float qscale;  // log2(e) / sqrt(D): scores come out in base 2, so exp is a bare exp2
   Dropout drop;
@@ -254,8 +256,10 @@ struct FwdArgs {
 //   2^(m_old - m_new); P = 2^(St - m) (times the dropout keep-scale for the PV product only)
 //   O[i][:] += sum_j P[j][i] V[j][:]           (A = P read transposed, B = V rows)
 // then out = O / l and lse = ln2 * (m + log2 l). Saved for backward: out and lse only.
-template <class I>
-GPT_INLINE void forward_units_impl(const FwdArgs& p, int64_t begin, int64_t end) {
+// bf16 inputs: the head's keys and values up to the tile are widened into float32 buffers, once
+// per head and thread (consecutive units share a head, and each tile widens only its new rows).
+template <class I, class E>
+GPT_INLINE void forward_units_impl(const FwdArgs<E>& p, int64_t begin, int64_t end) {
   using vf = typename I::vf;
   using vu = typename I::vu;
   constexpr int W = I::W, NB = TILE / W;
@@ -268,13 +272,29 @@ GPT_INLINE void forward_units_impl(const FwdArgs& p, int64_t begin, int64_t end)
   float* l = m + TILE;        // TILE: running sum
   float* alpha = l + TILE;    // TILE: rescale factor of this step
   const vu lane_T = (vu)iota<I>() * static_cast<uint32_t>(T);
+  constexpr bool wide_inputs = std::is_same_v<E, float>;
+  std::vector<float> kv_wide(wide_inputs ? 0 : 2 * T * D);  // bf16: K, V rows [0, widened) of head wide_bh
+  int64_t wide_bh = -1, widened = 0;
 
   for (int64_t u = begin; u < end; ++u) {
     const int64_t bh = u / nt, i0 = (u % nt) * TILE, rows = std::min(TILE, T - i0);
-    const float* q = p.q + (bh * T + i0) * D;
+    const E* q = p.q + (bh * T + i0) * D;
+    const float *k_head, *v_head;
+    if constexpr (wide_inputs) {
+      k_head = p.k + bh * T * D, v_head = p.v + bh * T * D;
+    } else {
+      if (bh != wide_bh) wide_bh = bh, widened = 0;
+      const int64_t need = i0 + rows;  // keys 0 .. the last query
+      if (need > widened) {
+        bf16_to_float_n(p.k + (bh * T + widened) * D, (need - widened) * D, kv_wide.data() + widened * D);
+        bf16_to_float_n(p.v + (bh * T + widened) * D, (need - widened) * D, kv_wide.data() + (T + widened) * D);
+        widened = need;
+      }
+      k_head = kv_wide.data(), v_head = kv_wide.data() + T * D;
+    }
     if (rows < TILE) std::fill(qt, qt + D * TILE, 0.0f);  // padding queries: finite junk rows
     for (int64_t i = 0; i < rows; ++i)
-      for (int64_t d = 0; d < D; ++d) qt[d * TILE + i] = q[i * D + d] * p.qscale;
+      for (int64_t d = 0; d < D; ++d) qt[d * TILE + i] = widen(q[i * D + d]) * p.qscale;
     for (int64_t i = 0; i < TILE; ++i) {
       m[i] = -std::numeric_limits<float>::infinity();
       l[i] = 0.0f;
@@ -282,8 +302,8 @@ GPT_INLINE void forward_units_impl(const FwdArgs& p, int64_t begin, int64_t end)
     const int64_t nkt = (i0 + rows - 1) / TILE + 1;  // key tiles that hold keys <= the last query
     for (int64_t jt = 0; jt < nkt; ++jt) {
       const int64_t j0 = jt * TILE, cols = std::min(TILE, T - j0);
-      const float* kj = p.k + (bh * T + j0) * D;
-      const float* vj = p.v + (bh * T + j0) * D;
+      const float* kj = k_head + j0 * D;
+      const float* vj = v_head + j0 * D;
       gemm(I{}, cols, TILE, D, kj, D, 1, qt, TILE, st, TILE, false);
       if (j0 + cols - 1 > i0) {  // the diagonal block: key j > query i is -inf
         for (int64_t j = 0; j < cols; ++j)
@@ -332,33 +352,38 @@ GPT_INLINE void forward_units_impl(const FwdArgs& p, int64_t begin, int64_t end)
       }
       gemm(I{}, rows, D, cols, st, 1, TILE, vj, D, o, D, jt > 0, alpha);  // O = alpha * O + P V
     }
-    float* out = p.out + (bh * T + i0) * D;
+    E* out = p.out + (bh * T + i0) * D;
     for (int64_t i = 0; i < rows; ++i) {
       const float inv = 1.0f / l[i];
-      for (int64_t d = 0; d < D; ++d) out[i * D + d] = o[i * D + d] * inv;
+      for (int64_t d = 0; d < D; ++d) narrow_to(out + i * D + d, o[i * D + d] * inv);
       p.lse[bh * T + i0 + i] = (m[i] + std::log2(l[i])) * LN2;
     }
   }
 }
 
 #if GPT_X86
-GPT_TARGET_AVX512 void forward_units(Avx512, const FwdArgs& p, int64_t b, int64_t e) {
+template <class E>
+GPT_TARGET_AVX512 void forward_units(Avx512, const FwdArgs<E>& p, int64_t b, int64_t e) {
   forward_units_impl<Avx512>(p, b, e);
 }
-GPT_TARGET_AVX2 void forward_units(Avx2, const FwdArgs& p, int64_t b, int64_t e) {
+template <class E>
+GPT_TARGET_AVX2 void forward_units(Avx2, const FwdArgs<E>& p, int64_t b, int64_t e) {
   forward_units_impl<Avx2>(p, b, e);
 }
 #endif
-void forward_units(Generic, const FwdArgs& p, int64_t b, int64_t e) {
+template <class E>
+void forward_units(Generic, const FwdArgs<E>& p, int64_t b, int64_t e) {
   forward_units_impl<Generic>(p, b, e);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
+template <class E>
 struct BwdArgs {
-  const float *dout, *q, *k, *v, *out, *lse;
-  float *dq, *dk, *dv;
+  const E *dout, *q, *k, *v, *out;
+  const float* lse;
+  E *dq, *dk, *dv;
   int64_t T, D;
   float scale;  // 1/sqrt(D)
   Dropout drop;
@@ -373,8 +398,10 @@ struct BwdArgs {
 //   dV_j += (P * mask)^T dO_i,  dK_j += dS^T Q_i,  dQ_i += dS K_j
 // The transposed operands (P^T, dS^T) are just strided broadcasts in the micro-kernel; only
 // K_j and V_j are copied transposed (once per key tile), to serve as B of the QK^T and dO V^T.
-template <class I>
-GPT_INLINE void backward_heads_impl(const BwdArgs& p, int64_t begin, int64_t end) {
+// bf16: the head's q, k, v, dO, O are widened into float32 buffers, dQ, dK, dV accumulate in
+// float32 and are narrowed once at the end of the head.
+template <class I, class E>
+GPT_INLINE void backward_heads_impl(const BwdArgs<E>& p, int64_t begin, int64_t end) {
   using vf = typename I::vf;
   using vu = typename I::vu;
   constexpr int W = I::W;
@@ -387,11 +414,23 @@ GPT_INLINE void backward_heads_impl(const BwdArgs& p, int64_t begin, int64_t end
   float* ds = s + TILE * TILE;  // TILE x TILE: dP, then dS
   float* lse2 = ds + TILE * TILE;  // T: lse in base 2
   float* delta = lse2 + T;         // T: rowsum(dO * O)
+  constexpr bool wide_inputs = std::is_same_v<E, float>;
+  std::vector<float> wide(wide_inputs ? 0 : 8 * T * D);  // bf16: q, k, v, dO, O, dQ, dK, dV of a head
 
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t off = bh * T * D;
-    const float *q = p.q + off, *k = p.k + off, *v = p.v + off, *dout = p.dout + off, *out = p.out + off;
-    float *dq = p.dq + off, *dk = p.dk + off, *dv = p.dv + off;
+    const float *q, *k, *v, *dout, *out;
+    float *dq, *dk, *dv;
+    if constexpr (wide_inputs) {
+      q = p.q + off, k = p.k + off, v = p.v + off, dout = p.dout + off, out = p.out + off;
+      dq = p.dq + off, dk = p.dk + off, dv = p.dv + off;
+    } else {
+      float* w = wide.data();
+      const E* src[5] = {p.q + off, p.k + off, p.v + off, p.dout + off, p.out + off};
+      for (int t = 0; t < 5; ++t) bf16_to_float_n(src[t], T * D, w + t * T * D);
+      q = w, k = w + T * D, v = w + 2 * T * D, dout = w + 3 * T * D, out = w + 4 * T * D;
+      dq = w + 5 * T * D, dk = w + 6 * T * D, dv = w + 7 * T * D;
+    }
     for (int64_t i = 0; i < T; ++i) {
       float acc = 0.0f;
       for (int64_t d = 0; d < D; ++d) acc += dout[i * D + d] * out[i * D + d];
@@ -448,18 +487,26 @@ GPT_INLINE void backward_heads_impl(const BwdArgs& p, int64_t begin, int64_t end
         gemm(I{}, rows, D, cols, ds, TILE, 1, k + j0 * D, D, dq + i0 * D, D, jt > 0);
       }
     }
+    if constexpr (!wide_inputs) {
+      float_to_bf16_n(dq, T * D, p.dq + off);
+      float_to_bf16_n(dk, T * D, p.dk + off);
+      float_to_bf16_n(dv, T * D, p.dv + off);
+    }
   }
 }
 
 #if GPT_X86
-GPT_TARGET_AVX512 void backward_heads(Avx512, const BwdArgs& p, int64_t b, int64_t e) {
+template <class E>
+GPT_TARGET_AVX512 void backward_heads(Avx512, const BwdArgs<E>& p, int64_t b, int64_t e) {
   backward_heads_impl<Avx512>(p, b, e);
 }
-GPT_TARGET_AVX2 void backward_heads(Avx2, const BwdArgs& p, int64_t b, int64_t e) {
+template <class E>
+GPT_TARGET_AVX2 void backward_heads(Avx2, const BwdArgs<E>& p, int64_t b, int64_t e) {
   backward_heads_impl<Avx2>(p, b, e);
 }
 #endif
-void backward_heads(Generic, const BwdArgs& p, int64_t b, int64_t e) {
+template <class E>
+void backward_heads(Generic, const BwdArgs<E>& p, int64_t b, int64_t e) {
   backward_heads_impl<Generic>(p, b, e);
 }
 
@@ -499,10 +546,26 @@ void dispatch(F&& f) {
 
 void check_input(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "attention: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "attention: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "attention: ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "attention: ", name, " is ", t.scalar_type(), ", q is ",
+              like.scalar_type());
   TORCH_CHECK(t.dim() == 4, "attention: ", name, " must be (B, H, T, D), got shape ", t.sizes());
   TORCH_CHECK(t.sizes() == like.sizes(), "attention: ", name, " has shape ", t.sizes(), ", expected ", like.sizes());
   TORCH_CHECK(t.is_contiguous(), "attention: ", name, " must be contiguous");
+}
+
+// Calls f(float{}) or f(uint16_t{}) by the dtype of t (bf16 is handled as its bits).
+template <class F>
+void with_elements(const at::Tensor& t, F&& f) {
+  if (t.scalar_type() == at::kFloat)
+    f(float{});
+  else
+    f(uint16_t{});
+}
+template <class E>
+E* elements(const at::Tensor& t) {
+  return static_cast<E*>(t.data_ptr());
 }
 
 void check_dropout(double dropout_p) {
@@ -517,14 +580,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   check_dropout(dropout_p);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   auto out = at::empty_like(q);
-  auto lse = at::empty({B, H, T}, q.options());
+  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const FwdArgs args{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
-                     lse.data_ptr<float>(), T, D, static_cast<float>(LOG2E / std::sqrt(static_cast<double>(D))),
-                     Dropout(dropout_p, seed)};
   const int64_t units = B * H * ((T + TILE - 1) / TILE);
-  dispatch([&](auto isa) {
-    at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) { forward_units(isa, args, b, e); });
+  with_elements(q, [&](auto e) {
+    using E = decltype(e);
+    const FwdArgs<E> args{elements<E>(q), elements<E>(k), elements<E>(v), elements<E>(out), lse.data_ptr<float>(),
+                          T, D, static_cast<float>(LOG2E / std::sqrt(static_cast<double>(D))), Dropout(dropout_p, seed)};
+    dispatch([&](auto isa) {
+      at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) { forward_units(isa, args, b, e); });
+    });
   });
   return {out, lse};
 }
@@ -544,12 +609,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
               "attention: lse must be a contiguous float32 (B, H, T) CPU tensor, got ", lse.sizes());
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk, dv};
-  const BwdArgs args{grad_out.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                     out.data_ptr<float>(), lse.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                     dv.data_ptr<float>(), T, D, static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))),
-                     Dropout(dropout_p, seed)};
-  dispatch([&](auto isa) {
-    at::parallel_for(0, B * H, 1, [&](int64_t b, int64_t e) { backward_heads(isa, args, b, e); });
+  with_elements(q, [&](auto e) {
+    using E = decltype(e);
+    const BwdArgs<E> args{elements<E>(grad_out), elements<E>(q), elements<E>(k), elements<E>(v), elements<E>(out),
+                          lse.data_ptr<float>(), elements<E>(dq), elements<E>(dk), elements<E>(dv), T, D,
+                          static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))), Dropout(dropout_p, seed)};
+    dispatch([&](auto isa) {
+      at::parallel_for(0, B * H, 1, [&](int64_t b, int64_t e) { backward_heads(isa, args, b, e); });
+    });
   });
   return {dq, dk, dv};
 }

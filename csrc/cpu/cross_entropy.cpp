@@ -1,5 +1,7 @@
 // Fused softmax cross-entropy on the CPU (llm.c's fused classifier).
-// logits (N, V) float32 row-major, targets (N,) int64 with -100 = ignored.
+// logits (N, V) float32 or bfloat16 row-major, targets (N,) int64 with -100 = ignored. Row losses
+// are float32; the statistics and the gradient are computed in float32 (a bf16 row is widened
+// into a per-thread buffer first), the gradient stored in the logits' dtype.
 //   loss_i = logsumexp(logits_i) - logits_i[target_i]          (0 for ignored rows)
 //   grad_i = grad_scale * (softmax(logits_i) - onehot(target_i))  (0 for ignored rows)
 // Per row: one read pass for the sum of exp (online softmax, block by block, each element read
@@ -87,10 +89,26 @@ static void block_scale(const float* e, int64_t n, float c, float* g) {
   for (int64_t j = 0; j < n; j++) g[j] = c * e[j];
 }
 
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void block_scale(const float* e, int64_t n, float c, uint16_t* g) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; j++) g[j] = float_to_bf16(c * e[j]);
+}
+
+// Logits of either dtype as float32: bf16 (held as its uint16_t bits) widened into buf.
+const float* as_float(const float* row, int64_t, std::vector<float>&) { return row; }
+const float* as_float(const uint16_t* row, int64_t V, std::vector<float>& buf) {
+  buf.resize(static_cast<size_t>(V));
+  bf16_to_float_n(row, V, buf.data());
+  return buf.data();
+}
+float narrow(float x, float*) { return x; }
+uint16_t narrow(float x, uint16_t*) { return float_to_bf16(x); }
+
 // Checks shapes and every target before anything is written (the _grad_ op mutates its input).
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
   TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), op, ": expects CPU tensors");
-  check_cross_entropy_shapes(logits, targets, op);
+  check_cross_entropy_shapes(logits, targets, op, /*bf16_ok=*/true);
   const at::Tensor t = targets.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -103,26 +121,37 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const cha
 // Rows handed to a thread at a time: about 64K floats of work.
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
+// Calls f with the logits' data as float* or (bf16) uint16_t*.
+template <class F>
+void with_logits(const at::Tensor& logits, F&& f) {
+  if (logits.scalar_type() == at::kFloat)
+    f(logits.data_ptr<float>());
+  else
+    f(reinterpret_cast<uint16_t*>(logits.data_ptr<at::BFloat16>()));
+}
+
 at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets, bool /*check_targets*/) {
   check_inputs(logits, targets, "cross_entropy_loss");
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options());
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   const at::Tensor t = targets.contiguous();
-  const float* x = logits.data_ptr<float>();
   const int64_t* tp = t.data_ptr<int64_t>();
   float* lp = loss.data_ptr<float>();
-  parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i++) {
-      if (tp[i] == -100) {
-        lp[i] = 0.0f;
-        continue;
+  with_logits(logits, [&](auto* x) {
+    parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
+      static thread_local std::vector<float> wide;  // a bf16 row in float32
+      for (int64_t i = begin; i < end; i++) {
+        if (tp[i] == -100) {
+          lp[i] = 0.0f;
+          continue;
+        }
+        const float* row = as_float(x + i * V, V, wide);
+        float ref;
+        double s;
+        row_softmax_stats(row, V, nullptr, nullptr, &ref, &s);
+        lp[i] = static_cast<float>(ref + std::log(s) - row[tp[i]]);
       }
-      const float* row = x + i * V;
-      float ref;
-      double s;
-      row_softmax_stats(row, V, nullptr, nullptr, &ref, &s);
-      lp[i] = static_cast<float>(ref + std::log(s) - row[tp[i]]);
-    }
+    });
   });
   return loss;
 }
@@ -131,34 +160,40 @@ at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& tar
                                        bool /*check_targets: always, it costs nothing here*/) {
   check_inputs(logits, targets, "cross_entropy_loss_grad_");
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options());
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   const at::Tensor t = targets.contiguous();
-  float* x = logits.data_ptr<float>();
   const int64_t* tp = t.data_ptr<int64_t>();
   float* lp = loss.data_ptr<float>();
-  parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
-    // Per thread: the row's exponentials (in L2 with the row until the second pass) and block refs.
-    static thread_local std::vector<float> e, refs;
-    e.resize(static_cast<size_t>(V));
-    refs.resize(static_cast<size_t>((V + kBlock - 1) / kBlock));
-    for (int64_t i = begin; i < end; i++) {
-      float* row = x + i * V;
-      if (tp[i] == -100) {
-        lp[i] = 0.0f;
-        std::fill(row, row + V, 0.0f);
-        continue;
+  with_logits(logits, [&](auto* x) {
+    parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
+      // Per thread: the row's exponentials (in L2 with the row until the second pass), block refs,
+      // and a bf16 row in float32.
+      static thread_local std::vector<float> e, refs, wide;
+      e.resize(static_cast<size_t>(V));
+      refs.resize(static_cast<size_t>((V + kBlock - 1) / kBlock));
+      for (int64_t i = begin; i < end; i++) {
+        auto* out = x + i * V;  // the gradient overwrites the row
+        if (tp[i] == -100) {
+          lp[i] = 0.0f;
+          std::fill(out, out + V, 0);
+          continue;
+        }
+        const float* row = as_float(out, V, wide);
+        const float xt = row[tp[i]];  // read before the row is overwritten
+        float ref;
+        double s;
+        row_softmax_stats(row, V, e.data(), refs.data(), &ref, &s);
+        lp[i] = static_cast<float>(ref + std::log(s) - xt);
+        // Second pass, over the row still in L2: grad = grad_scale * exp(x - ref_b) * exp(ref_b - ref) / s.
+        auto block_factor = [&](int64_t k) {
+          return static_cast<float>(grad_scale / s * std::exp(static_cast<double>(refs[k]) - ref));
+        };
+        for (int64_t b = 0, k = 0; b < V; b += kBlock, k++)
+          block_scale(e.data() + b, std::min(kBlock, V - b), block_factor(k), out + b);
+        // the target's -grad_scale, applied to the float32 value (one rounding for bf16)
+        out[tp[i]] = narrow(block_factor(tp[i] / kBlock) * e[tp[i]] - static_cast<float>(grad_scale), out);
       }
-      const float xt = row[tp[i]];  // read before the row is overwritten
-      float ref;
-      double s;
-      row_softmax_stats(row, V, e.data(), refs.data(), &ref, &s);
-      lp[i] = static_cast<float>(ref + std::log(s) - xt);
-      // Second pass, over the row still in L2: grad = grad_scale * exp(x - ref_b) * exp(ref_b - ref) / s.
-      for (int64_t b = 0, k = 0; b < V; b += kBlock, k++)
-        block_scale(e.data() + b, std::min(kBlock, V - b),
-                    static_cast<float>(grad_scale / s * std::exp(static_cast<double>(refs[k]) - ref)), row + b);
-      row[tp[i]] -= static_cast<float>(grad_scale);
-    }
+    });
   });
   return loss;
 }
