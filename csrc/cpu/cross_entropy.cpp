@@ -130,72 +130,72 @@ void with_logits(const at::Tensor& logits, F&& f) {
     f(reinterpret_cast<uint16_t*>(logits.data_ptr<at::BFloat16>()));
 }
 
-at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets, bool /*check_targets*/) {
-  check_inputs(logits, targets, "cross_entropy_loss");
+// The frame both ops share: the checks, the (N,) float32 row losses, and the rows split among the
+// threads; rows(x, V, targets, losses, begin, end) sees the logits as float* or (bf16) uint16_t*.
+template <class Rows>
+at::Tensor sweep_rows(const at::Tensor& logits, const at::Tensor& targets, const char* op, Rows&& rows) {
+  check_inputs(logits, targets, op);
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   const at::Tensor t = targets.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
   float* lp = loss.data_ptr<float>();
   with_logits(logits, [&](auto* x) {
-    parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
-      static thread_local std::vector<float> wide;  // a bf16 row in float32
-      for (int64_t i = begin; i < end; i++) {
-        if (tp[i] == -100) {
-          lp[i] = 0.0f;
-          continue;
-        }
-        const float* row = as_float(x + i * V, V, wide);
-        float ref;
-        double s;
-        row_softmax_stats(row, V, nullptr, nullptr, &ref, &s);
-        lp[i] = static_cast<float>(ref + std::log(s) - row[tp[i]]);
-      }
-    });
+    parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) { rows(x, V, tp, lp, begin, end); });
   });
   return loss;
 }
 
+at::Tensor cross_entropy_loss_cpu(const at::Tensor& logits, const at::Tensor& targets, bool /*check_targets*/) {
+  return sweep_rows(logits, targets, "cross_entropy_loss",
+                    [](auto* x, int64_t V, const int64_t* tp, float* lp, int64_t begin, int64_t end) {
+    static thread_local std::vector<float> wide;  // a bf16 row in float32
+    for (int64_t i = begin; i < end; i++) {
+      if (tp[i] == -100) {
+        lp[i] = 0.0f;
+        continue;
+      }
+      const float* row = as_float(x + i * V, V, wide);
+      float ref;
+      double s;
+      row_softmax_stats(row, V, nullptr, nullptr, &ref, &s);
+      lp[i] = static_cast<float>(ref + std::log(s) - row[tp[i]]);
+    }
+  });
+}
+
 at::Tensor cross_entropy_loss_grad_cpu(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
                                        bool /*check_targets: always, it costs nothing here*/) {
-  check_inputs(logits, targets, "cross_entropy_loss_grad_");
-  const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  const at::Tensor t = targets.contiguous();
-  const int64_t* tp = t.data_ptr<int64_t>();
-  float* lp = loss.data_ptr<float>();
-  with_logits(logits, [&](auto* x) {
-    parallel_rows(N, grain(V), [&](int64_t begin, int64_t end) {
-      // Per thread: the row's exponentials (in L2 with the row until the second pass), block refs,
-      // and a bf16 row in float32.
-      static thread_local std::vector<float> e, refs, wide;
-      e.resize(static_cast<size_t>(V));
-      refs.resize(static_cast<size_t>((V + kBlock - 1) / kBlock));
-      for (int64_t i = begin; i < end; i++) {
-        auto* out = x + i * V;  // the gradient overwrites the row
-        if (tp[i] == -100) {
-          lp[i] = 0.0f;
-          std::fill(out, out + V, 0);
-          continue;
-        }
-        const float* row = as_float(out, V, wide);
-        const float xt = row[tp[i]];  // read before the row is overwritten
-        float ref;
-        double s;
-        row_softmax_stats(row, V, e.data(), refs.data(), &ref, &s);
-        lp[i] = static_cast<float>(ref + std::log(s) - xt);
-        // Second pass, over the row still in L2: grad = grad_scale * exp(x - ref_b) * exp(ref_b - ref) / s.
-        auto block_factor = [&](int64_t k) {
-          return static_cast<float>(grad_scale / s * std::exp(static_cast<double>(refs[k]) - ref));
-        };
-        for (int64_t b = 0, k = 0; b < V; b += kBlock, k++)
-          block_scale(e.data() + b, std::min(kBlock, V - b), block_factor(k), out + b);
-        // the target's -grad_scale, applied to the float32 value (one rounding for bf16)
-        out[tp[i]] = narrow(block_factor(tp[i] / kBlock) * e[tp[i]] - static_cast<float>(grad_scale), out);
+  return sweep_rows(logits, targets, "cross_entropy_loss_grad_",
+                    [grad_scale](auto* x, int64_t V, const int64_t* tp, float* lp, int64_t begin, int64_t end) {
+    // Per thread: the row's exponentials (in L2 with the row until the second pass), block refs,
+    // and a bf16 row in float32.
+    static thread_local std::vector<float> e, refs, wide;
+    e.resize(static_cast<size_t>(V));
+    refs.resize(static_cast<size_t>((V + kBlock - 1) / kBlock));
+    for (int64_t i = begin; i < end; i++) {
+      auto* out = x + i * V;  // the gradient overwrites the row
+      if (tp[i] == -100) {
+        lp[i] = 0.0f;
+        std::fill(out, out + V, 0);
+        continue;
       }
-    });
+      const float* row = as_float(out, V, wide);
+      const float xt = row[tp[i]];  // read before the row is overwritten
+      float ref;
+      double s;
+      row_softmax_stats(row, V, e.data(), refs.data(), &ref, &s);
+      lp[i] = static_cast<float>(ref + std::log(s) - xt);
+      // Second pass, over the row still in L2: grad = grad_scale * exp(x - ref_b) * exp(ref_b - ref) / s.
+      auto block_factor = [&](int64_t k) {
+        return static_cast<float>(grad_scale / s * std::exp(static_cast<double>(refs[k]) - ref));
+      };
+      for (int64_t b = 0, k = 0; b < V; b += kBlock, k++)
+        block_scale(e.data() + b, std::min(kBlock, V - b), block_factor(k), out + b);
+      // the target's -grad_scale, applied to the float32 value (one rounding for bf16)
+      out[tp[i]] = narrow(block_factor(tp[i] / kBlock) * e[tp[i]] - static_cast<float>(grad_scale), out);
+    }
   });
-  return loss;
 }
 
 }  // namespace
