@@ -656,6 +656,7 @@ class TokenWindows:
     def batch_order(self, epoch):
         if not self.shuffle:
             return self.starts
+        # a prime multiplier keeps (seed, epoch) pairs apart: seed 1 epoch 0 is not seed 0 epoch 1
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return self.starts[torch.randperm(len(self.starts), generator=g).numpy()]
 
@@ -1754,7 +1755,7 @@ def model_config_from(cfg):
     if cfg.preset not in MODEL_PRESETS:
         raise GPTError(f"unknown preset {cfg.preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
     try:
-        return GPTConfig(**{**MODEL_PRESETS[cfg.preset], **cfg.model}).validate()
+        return GPTConfig(**{**MODEL_PRESETS[cfg.preset], **cfg.model})  # GPT() validates it
     except TypeError as e:
         raise GPTError(f"not a model setting: {e}; the model's settings are "
                        f"{', '.join(f.name for f in dataclasses.fields(GPTConfig))}") from None
@@ -2127,6 +2128,21 @@ def describe_model(model, cfg):
             f"context {c.block_size})")
 
 
+def describe_windows(tokens, train_loader, val_loader):
+    return (f"{len(tokens):,} tokens: {len(train_loader.starts):,} train windows, "
+            + (f"{len(val_loader.starts):,} val windows" if val_loader else
+               "no validation split (--val_fraction 0): best.pt has the lowest train loss"))
+
+
+def agree_across_ranks(loss_sum, stop, world, device):
+    """The mean loss over the ranks; a stop asked on any rank becomes every rank's (as a SIGTERM)."""
+    shared = torch.tensor([loss_sum / world, float(bool(stop))], device=device)
+    torch.distributed.all_reduce(shared)
+    if shared[1].item() > 0 and not stop:
+        stop.append(signal.SIGTERM)
+    return shared[0].item()
+
+
 def train_batches(loader, state):
     """The training batches from state's position on, epoch after epoch, advancing the position as
     they are taken (a checkpoint between any two batches resumes at the next)."""
@@ -2173,6 +2189,13 @@ def eval_report(state, train_loss, val_loss, improved, sample):
     val = f"val loss {val_loss:.3f} (ppl {perplexity(val_loss):,.1f}) | " if val_loss is not None else ""
     return (f"step {state.step:5d} | train loss {train_loss:.3f} (ppl {perplexity(train_loss):,.1f}) | {val}"
             f"tokens {state.tokens_seen:,}{'' if improved else ' | no better'}\n      sample: {printable(sample)}")
+
+
+def done_report(state, trained, elapsed, which, out_dir):
+    return (f"done: {state.step} steps, {trained:,} tokens in {elapsed:.0f}s "
+            f"({trained / max(elapsed, 1e-9):,.0f} tokens/s); "
+            f"best {which} loss {state.best_val:.3f} (ppl {perplexity(state.best_val):,.1f}); "
+            f"checkpoints and losses.png in {out_dir}")
 
 
 def printable(text):
@@ -2250,11 +2273,8 @@ def train(cfg, given=None):
         run_model = torch.nn.parallel.DistributedDataParallel(run_model)
     start_ids = text_to_token_ids(cfg.start).to(device)
     log(f"model: {describe_model(model, cfg)} | kernels: {backend} | device: {device}, {cfg.dtype} ({dtype_why}) | "
-        f"{len(tokens):,} tokens: "
-        f"{len(train_loader.starts):,} train windows, "
-        + (f"{len(val_loader.starts):,} val windows" if val_loader else "no validation split (--val_fraction 0): "
-           "best.pt has the lowest train loss")
-        + f" | {total_steps} steps" + (f" | {world} processes" if world > 1 else ""))
+        f"{describe_windows(tokens, train_loader, val_loader)} | {total_steps} steps"
+        + (f" | {world} processes" if world > 1 else ""))
 
     batches, stop = train_batches(train_loader, state), []
     model.train()
@@ -2278,11 +2298,7 @@ def train(cfg, given=None):
                 loss_sum += loss.item()
                 state.tokens_seen += x.numel() * world
             if world > 1:  # every rank must take the same decisions below
-                shared = torch.tensor([loss_sum / world, float(bool(stop))], device=device)
-                torch.distributed.all_reduce(shared)
-                loss_sum = shared[0].item()
-                if shared[1].item() > 0 and not stop:
-                    stop.append(signal.SIGTERM)
+                loss_sum = agree_across_ranks(loss_sum, stop, world, device)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             took_step = math.isfinite(loss_sum) and math.isfinite(grad_norm) or cfg.dtype == "float16"
@@ -2326,11 +2342,8 @@ def train(cfg, given=None):
         torch.distributed.destroy_process_group()
     if stop and stop[0] == signal.SIGINT:
         raise KeyboardInterrupt  # Ctrl-C: the CLI exits 130, as an interrupted command does
-    elapsed, trained = time.time() - t0, state.tokens_seen - tokens_t0
-    log(f"done: {state.step} steps, {trained:,} tokens in {elapsed:.0f}s "
-        f"({trained / max(elapsed, 1e-9):,.0f} tokens/s); "
-        f"best {'val' if val_loader else 'train'} loss {state.best_val:.3f} (ppl {perplexity(state.best_val):,.1f}); "
-        f"checkpoints and losses.png in {cfg.out_dir}")
+    log(done_report(state, state.tokens_seen - tokens_t0, time.time() - t0, "val" if val_loader else "train",
+                    cfg.out_dir))
     return state.history
 
 
