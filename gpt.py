@@ -155,8 +155,8 @@ def _is_prepared(path):
 
 
 def _data_files(paths):
-    """The files --data names: files as given, folders searched (hidden entries skipped) for the
-    suffixes of DATA_KINDS, in sorted order."""
+    """The files --data names: files as given, folders searched (hidden entries and run folders of
+    `train` skipped) for the suffixes of DATA_KINDS, in sorted order."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -165,6 +165,9 @@ def _data_files(paths):
                                "alone as --data")
             found = []
             for folder, subfolders, names in os.walk(path):
+                if "best.pt" in names or any(n.startswith("ckpt-") and n.endswith(".pt") for n in names):
+                    subfolders[:] = []  # a train --out_dir inside the data: its metrics.jsonl is not a corpus
+                    continue
                 subfolders[:] = [d for d in subfolders if not d.startswith(".")]
                 found += [os.path.join(folder, n) for n in names
                           if not n.startswith(".") and os.path.splitext(n)[1].lower() in DATA_KINDS]

@@ -228,6 +228,8 @@ def test_a_nanogpt_folder_trains_with_val_bin_as_validation(tmp_path, shakespear
                            "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "3 batches of 4x32" in proc.stdout and state["step"] == 2
+    # the run folder inside the data folder (its metrics.jsonl, checkpoints) is not read as data
+    assert gpt._data_files([str(tmp_path)]) == [str(tmp_path / "train.bin"), str(tmp_path / "val.bin")]
 
 
 # --- bad files: one line each ---------------------------------------------------------------
