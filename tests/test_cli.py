@@ -196,3 +196,36 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, trained):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpt: error:") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_flag_has_a_help_line_and_help_shows_its_default(monkeypatch, capsys):
+    """Walks the parser: each subcommand and each of its flags (the shared ones too) has a help line, and
+    `--help` shows it with the default where there is one (train's flags: the TrainConfig field's)."""
+    import argparse
+    import dataclasses
+
+    import gpt
+
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = gpt.build_parser()
+    commands, = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {a.dest: bool(a.help) for a in commands._choices_actions} == dict.fromkeys(commands.choices, True)
+    config = {f.name: f.default for f in dataclasses.fields(gpt.TrainConfig)}
+    for name, sub in commands.choices.items():
+        with pytest.raises(SystemExit):
+            sub.parse_args(["--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            what = action.help.partition("default")[0].strip(" (") if action.help else ""  # more than a default
+            assert what, f"{name} {action.option_strings or action.dest} has no help line"
+            formatter = sub.formatter_class(prog=sub.prog)
+            formatter.add_argument(action)
+            line = " ".join(formatter.format_help().split())  # the flag's entry in --help
+            assert line in shown, (name, line)
+            default = config.get(action.dest) if name == "train" else action.default
+            if name == "train" and action.dest in {f.name for f in dataclasses.fields(gpt.GPTConfig)}:
+                default = "from --preset"
+            if default is not None and default is not False:  # (None and a switch's False: the help says)
+                assert repr(default).strip("'") in line.partition("default")[2], (name, line)

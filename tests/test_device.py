@@ -22,6 +22,14 @@ def test_mps_asked_for_without_one_is_one_line(monkeypatch):
         gpt.pick_device("mps")
 
 
+@pytest.mark.parametrize("device, draws_on", [("mps", "cpu"), ("mps:0", "cpu"), ("cpu", "cpu"), ("cuda", "cuda"),
+                                               ("cuda:1", "cuda:1")])
+def test_sampling_draws_on_the_cpu_for_mps(device, draws_on):
+    """MPS has no float64, which the draw uses: it draws on the CPU (the CPU's tokens for a seed);
+    other devices draw where they are, as before."""
+    assert gpt.sampling_device(device) == torch.device(draws_on)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()

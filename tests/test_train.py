@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,63 @@ def test_no_val_split_means_no_val_numbers(text_file, tmp_path, capsys):
 
 def test_eval_samples_print_control_characters_escaped():
     assert gpt.printable("a\x1b[31mb\r\nc\td\x00") == "a\\x1b[31mb\\r | c\\td\\x00"
+
+
+def drawn_lines(fig):
+    """{label: [(x, y), ...]} of the lines plot_losses drew, loss panel and learning-rate panel."""
+    loss_ax, = [ax for ax in fig.axes if ax.get_ylabel() == "Loss"]
+    lr_ax, = [ax for ax in fig.axes if ax.get_ylabel() == "Learning rate"]
+    lines = {line.get_label(): line.get_xydata().tolist() for line in loss_ax.get_lines()}
+    return {**lines, "lr": lr_ax.get_lines()[0].get_xydata().tolist()}
+
+
+def record_plots(monkeypatch):
+    """Wraps plot_losses: each call's figure, the metrics.jsonl records it read, and the PNG it left."""
+    calls, real = [], gpt.plot_losses
+
+    def plot(metrics_path, path):
+        fig = real(metrics_path, path)
+        records = [json.loads(line) for line in open(metrics_path)]
+        calls.append((drawn_lines(fig), records, open(path, "rb").read()))
+        return fig
+
+    monkeypatch.setattr(gpt, "plot_losses", plot)
+    return calls
+
+
+def test_losses_png_is_redrawn_at_each_eval_from_metrics_jsonl(text_file, tmp_path, monkeypatch):
+    calls = record_plots(monkeypatch)
+    gpt.train(tiny_run(text_file, tmp_path, max_iters=12, eval_interval=5))
+    assert len(calls) == 4  # the evals after steps 1, 6, 11, 12
+    pngs = [png for _, _, png in calls]
+    assert all(png.startswith(b"\x89PNG") for png in pngs) and len(set(pngs)) == 4  # a new picture each time
+    assert pngs[-1] == (tmp_path / "losses.png").read_bytes()
+    for lines, records, _ in calls:  # what is drawn is what metrics.jsonl held at that moment
+        steps = [r for r in records if "loss" in r]
+        evals = [r for r in records if "train_loss" in r]
+        assert lines["Training loss, each step"] == [[r["step"], r["loss"]] for r in steps]
+        assert lines["lr"] == [[r["step"], r["lr"]] for r in steps]
+        assert lines["Training loss, eval"] == [[r["step"], r["train_loss"]] for r in evals]
+        assert lines["Validation loss"] == [[r["step"], r["val_loss"]] for r in evals]
+    assert [x for x, _ in lines["Training loss, eval"]] == [1, 6, 11, 12]
+    # the smoothed curve: at each step the mean of the raw losses in a window centered on it (none of the
+    # lag of an EMA), narrowing to the step itself at the two ends
+    raw, smooth = (np.array(lines[k]) for k in ("Training loss, each step", "Training loss, moving average"))
+    assert smooth[:, 0].tolist() == raw[:, 0].tolist()
+    y, n = raw[:, 1], len(raw)
+    for i, s in enumerate(smooth[:, 1]):
+        assert any(np.isclose(s, y[i - h:i + h + 1].mean()) for h in range(min(i, n - 1 - i) + 1)), i
+    assert smooth[1:-1, 1].tolist() != y[1:-1].tolist()  # it does smooth
+
+
+def test_losses_png_of_one_step_without_val_then_resumed(text_file, tmp_path, monkeypatch):
+    calls = record_plots(monkeypatch)
+    gpt.train(tiny_run(text_file, tmp_path, max_iters=1, val_fraction=0.0))
+    lines = calls[-1][0]
+    assert "Validation loss" not in lines  # --val_fraction 0: no val points
+    assert [x for x, _ in lines["Training loss, each step"]] == [1] == [x for x, _ in lines["Training loss, eval"]]
+    gpt.train(tiny_run(text_file, tmp_path, max_iters=7, val_fraction=0.0, eval_interval=3, resume=True))
+    lines = calls[-1][0]  # the resumed run's curve continues the first run's
+    assert [x for x, _ in lines["Training loss, each step"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert [x for x, _ in lines["Training loss, eval"]] == [1, 4, 7]
+    assert "Validation loss" not in lines
