@@ -3178,16 +3178,16 @@ def build_parser():
         kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
         # the flags default to None (so --resume knows which were given): the help says the field's default
         default = "from --preset" if f in model_fields else None if f.default is None else repr(f.default)
-        help = comments.get(f.name, "").replace("%", "%%") + (f" (default: {default})" if default else "")
+        line = comments.get(f.name, "").replace("%", "%%") + (f" (default: {default})" if default else "")
         if f.name == "model":
             continue  # TrainConfig.model holds the model flags above
         elif f.name == "data":
             p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                            help="files or folders: .txt, .jsonl/.json, .parquet, token .bin (default: Shakespeare)")
         elif f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=line)
         else:
-            p.add_argument(f"--{f.name}", type=kind or str, default=None, help=help)
+            p.add_argument(f"--{f.name}", type=kind or str, default=None, help=line)
 
     common = _Parser(add_help=False)
     common.add_argument("--out_dir", default="out", help="where train wrote its checkpoints")
