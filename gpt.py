@@ -1635,9 +1635,10 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+    def forward(self, idx, targets=None, kv_cache=None, pos=0, last_only=False):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), the mean cross-entropy
-        instead (the logits are never materialized on the ext backend). kv_cache/pos: see generate."""
+        instead (the logits are never materialized on the ext backend). kv_cache/pos: see generate.
+        last_only: the last position's logits (B, 1, V) alone: a prompt's LM head runs once, not T times."""
         T = idx.size(1)
         if pos + T > self.config.block_size:
             raise GPTError(f"{pos + T} positions exceed the model's block_size {self.config.block_size}")
@@ -1645,7 +1646,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for i, block in enumerate(self.h):
             x = block(x, kv_cache[i] if kv_cache is not None else None, pos)
-        x = self.ln_f(x)
+        x = self.ln_f(x[:, -1:] if last_only else x)
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x)
@@ -2493,7 +2494,7 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, gen
     cache = model.new_kv_cache(idx.size(0))
     out = [idx]
     context = idx[:, -L:]
-    logits = model(context, kv_cache=cache, pos=0)[:, -1]
+    logits = model(context, kv_cache=cache, pos=0, last_only=True)[:, -1]
     pos = context.size(1)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for i in range(max_new_tokens):
@@ -2507,10 +2508,10 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, gen
         if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
         if pos < L:
-            logits = model(next_id, kv_cache=cache, pos=pos)[:, -1]
+            logits = model(next_id, kv_cache=cache, pos=pos, last_only=True)[:, -1]
             pos += 1
         else:  # slide: the last L tokens, re-encoded at positions 0..L-1
-            logits = model(torch.cat(out, dim=1)[:, -L:], kv_cache=cache, pos=0)[:, -1]
+            logits = model(torch.cat(out, dim=1)[:, -L:], kv_cache=cache, pos=0, last_only=True)[:, -1]
     return torch.cat(out, dim=1)
 
 
