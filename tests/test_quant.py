@@ -59,7 +59,8 @@ def test_int8_refuses_weights_it_cannot_store(ext, bad):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 1, 1, True), (1, 67, 85, False), (3, 5, 33, True), (5, 130, 64, True),
-                                        (8, 9, 17, False)])
+                                        (8, 9, 17, False),
+                                        (2, 37, 1061, True)])  # 34 blocks: scales converted 16 at a time, a 5-wide tail
 def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K, bias):
     w = awkward_weight(N, K)
     stored, scale = gpt.quantize_weight(w, dtype) if dtype != "float32" else (w, torch.empty(0))
