@@ -1142,9 +1142,14 @@ def decode_weights(block):
 
 
 def decode_block(block, x, kv_cache, pos):
-    """Block.forward(x, kv_cache, pos) for x (B, 1, C) as one gpt::decode_block call."""
+    """Block.forward(x, kv_cache, pos) for x (B, 1, C) as one gpt::decode_block call. The weights'
+    list is gathered once per KV cache and kept on it (a generation's weights do not change, and
+    gathering them costs ~40 us a block: ~0.5 ms a token at 12 layers)."""
     B, _, C = x.shape
-    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), decode_weights(block), *kv_cache,
+    cache_k, cache_v = kv_cache
+    if getattr(cache_k, "decode_weights", None) is None:
+        cache_k.decode_weights = decode_weights(block)
+    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), cache_k.decode_weights, cache_k, cache_v,
                                       pos).view(B, 1, C)
 
 
