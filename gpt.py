@@ -646,8 +646,9 @@ class TokenWindows:
     every `stride` tokens, targets shifted by one; batches in a seeded shuffled order per epoch."""
 
     def __init__(self, tokens, block_size, stride, batch_size, shuffle=True, drop_last=True, seed=0,
-                 rank=0, world_size=1):
+                 rank=0, world_size=1, pin_memory=False):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.pin_memory = pin_memory
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world_size = rank, world_size  # data-parallel: this rank's share of the batches
         self.starts = np.arange(0, len(tokens) - block_size, stride)
@@ -667,6 +668,8 @@ class TokenWindows:
     def batch(self, starts):
         rows = np.stack([self.tokens[s: s + self.block_size + 1] for s in starts]).astype(np.int64)
         rows = torch.from_numpy(rows)
+        if self.pin_memory:  # page-locked: the copy to the GPU runs while the host queues more work
+            rows = rows.pin_memory()
         return rows[:, :-1], rows[:, 1:]
 
     def epoch(self, epoch, start_batch=0):
@@ -1140,9 +1143,14 @@ def decode_weights(block):
 
 
 def decode_block(block, x, kv_cache, pos):
-    """Block.forward(x, kv_cache, pos) for x (B, 1, C) as one gpt::decode_block call."""
+    """Block.forward(x, kv_cache, pos) for x (B, 1, C) as one gpt::decode_block call. The weights'
+    list is gathered once per KV cache and kept on it (a generation's weights do not change, and
+    gathering them costs ~40 us a block: ~0.5 ms a token at 12 layers)."""
     B, _, C = x.shape
-    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), decode_weights(block), *kv_cache,
+    cache_k, cache_v = kv_cache
+    if getattr(cache_k, "decode_weights", None) is None:
+        cache_k.decode_weights = decode_weights(block)
+    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), cache_k.decode_weights, cache_k, cache_v,
                                       pos).view(B, 1, C)
 
 
@@ -1633,9 +1641,10 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+    def forward(self, idx, targets=None, kv_cache=None, pos=0, last_only=False):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T), the mean cross-entropy
-        instead (the logits are never materialized on the ext backend). kv_cache/pos: see generate."""
+        instead (the logits are never materialized on the ext backend). kv_cache/pos: see generate.
+        last_only: the last position's logits (B, 1, V) alone: a prompt's LM head runs once, not T times."""
         T = idx.size(1)
         if pos + T > self.config.block_size:
             raise GPTError(f"{pos + T} positions exceed the model's block_size {self.config.block_size}")
@@ -1643,7 +1652,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for i, block in enumerate(self.h):
             x = block(x, kv_cache[i] if kv_cache is not None else None, pos)
-        x = self.ln_f(x)
+        x = self.ln_f(x[:, -1:] if last_only else x)
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x)
@@ -1684,7 +1693,7 @@ class GPT(nn.Module):
 # Loss: cross-entropy of the next token, and perplexity = exp(loss).
 
 def calc_loss_batch(input_batch, target_batch, model, device):
-    return model(input_batch.to(device), target_batch.to(device))
+    return model(input_batch.to(device, non_blocking=True), target_batch.to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -2111,12 +2120,12 @@ def start_run(cfg, given, log):
     return cfg, model_from_checkpoint(checkpoint), TrainState.from_checkpoint(checkpoint), checkpoint
 
 
-def build_loaders(cfg, block_size, rank, world):
+def build_loaders(cfg, block_size, rank, world, device):
     """(tokens, train loader, val loader or None without a val split)."""
     tokens = load_tokens(cfg.data)
     train_tokens, val_tokens = split_tokens(tokens, block_size, cfg.val_fraction)
     train_loader = TokenWindows(train_tokens, block_size, cfg.stride or block_size, cfg.batch_size, seed=cfg.seed,
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, pin_memory=device.startswith("cuda"))
     val_loader = (TokenWindows(val_tokens, block_size, block_size, cfg.batch_size, shuffle=False, drop_last=False)
                   if len(val_tokens) else None)
     if len(train_loader) < cfg.grad_accum:
@@ -2138,13 +2147,46 @@ def describe_windows(tokens, train_loader, val_loader):
                "no validation split (--val_fraction 0): best.pt has the lowest train loss"))
 
 
-def agree_across_ranks(loss_sum, stop, world, device):
-    """The mean loss over the ranks; a stop asked on any rank becomes every rank's (as a SIGTERM)."""
-    shared = torch.tensor([loss_sum / world, float(bool(stop))], device=device)
+def step_is_finite(loss, grad_norm):
+    return bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+
+
+class UnreadStep:
+    """The last optimizer step's loss and gradient norm, left on the device until the next step is
+    queued: reading them at once would make the host wait for the device every step, and a GPU idle
+    between steps. So a non-finite step is caught one step late, after its update: the run stops there
+    with an error, and evals and saves read first, so no checkpoint holds such a step."""
+
+    def __init__(self, cfg):
+        self.cfg, self.numbers, self.record = cfg, None, None
+
+    def add(self, step, tokens, loss, lr, grad_norm, elapsed, new_tokens):
+        self.numbers = torch.stack([loss.float(), grad_norm.float()])
+        self.record = dict(step=step, tokens=tokens, loss=None, lr=lr, grad_norm=None,
+                           tokens_per_s=new_tokens / elapsed, elapsed=elapsed)
+
+    def read(self, metrics, bar):
+        """Checks the unread step, writes its metrics line and shows its loss (one host read)."""
+        if self.numbers is None:
+            return
+        (loss, grad_norm), record = self.numbers.tolist(), self.record
+        self.numbers = None
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and self.cfg.dtype != "float16":
+            raise GPTError(f"non-finite loss {loss} or gradient norm {grad_norm} in step {record['step']}: lower "
+                           f"--lr, or pass --skip_nonfinite; the last good checkpoint is in {self.cfg.out_dir}")
+        record.update(loss=loss, grad_norm=grad_norm)
+        metrics.write(**record)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+
+
+def agree_across_ranks(loss_sum, stop, world):
+    """The mean loss over the ranks (left on the device); a stop asked on any rank becomes every rank's
+    (as a SIGTERM): the one host read a step under torchrun."""
+    shared = torch.stack([loss_sum / world, loss_sum.new_tensor(float(bool(stop)))])
     torch.distributed.all_reduce(shared)
     if shared[1].item() > 0 and not stop:
         stop.append(signal.SIGTERM)
-    return shared[0].item()
+    return shared[0]
 
 
 def train_batches(loader, state):
@@ -2260,11 +2302,15 @@ def train(cfg, given=None):
     cfg, model, state, checkpoint = start_run(cfg, given, log)
     log(describe_data(cfg.data))
     model.to(device)
-    tokens, train_loader, val_loader = build_loaders(cfg, model.config.block_size, rank, world)
+    tokens, train_loader, val_loader = build_loaders(cfg, model.config.block_size, rank, world, device)
     total_steps = cfg.max_iters or cfg.epochs * (len(train_loader) // cfg.grad_accum)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
     dtype_name, dtype_why = pick_dtype(cfg.dtype, device)
     cfg = dataclasses.replace(cfg, dtype=dtype_name)  # "auto" resolved; the checkpoint records what ran
+    if device_type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        # float32 matrix products on the tensor cores (10-bit mantissa inputs, fp32 sums), as nanoGPT runs
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        dtype_why += ", float32 matmuls in TF32"
     autocast = torch.autocast(device_type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "float32")
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     if checkpoint is not None:
@@ -2280,7 +2326,7 @@ def train(cfg, given=None):
         f"{describe_windows(tokens, train_loader, val_loader)} | {total_steps} steps"
         + (f" | {world} processes" if world > 1 else ""))
 
-    batches, stop = train_batches(train_loader, state), []
+    batches, stop, unread = train_batches(train_loader, state), [], UnreadStep(cfg)
     model.train()
     t0, tokens_t0 = time.time(), state.tokens_seen
     with run_folder(cfg, state.step, master) as metrics, signals_stop(stop), \
@@ -2291,7 +2337,7 @@ def train(cfg, given=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers: no fresh page faults
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no host read per micro-step
             for micro in range(cfg.grad_accum):
                 x, y = next(batches)
                 # DDP all-reduces gradients on the last micro-step only
@@ -2299,31 +2345,28 @@ def train(cfg, given=None):
                 with autocast, no_sync:
                     loss = calc_loss_batch(x, y, run_model, device) / cfg.grad_accum
                     scaler.scale(loss).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach().float()
                 state.tokens_seen += x.numel() * world
             if world > 1:  # every rank must take the same decisions below
-                loss_sum = agree_across_ranks(loss_sum, stop, world, device)
+                loss_sum = agree_across_ranks(loss_sum, stop, world)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            took_step = math.isfinite(loss_sum) and math.isfinite(grad_norm) or cfg.dtype == "float16"
+            # --skip_nonfinite must decide before the update: it reads the step's numbers now (a host read a step)
+            took_step = not cfg.skip_nonfinite or step_is_finite(loss_sum, grad_norm) or cfg.dtype == "float16"
             if took_step:  # (float16's grad scaler skips a non-finite step itself)
                 scaler.step(optimizer)
                 scaler.update()
                 state.step += 1
-                elapsed = time.time() - t0
-                speed = (state.tokens_seen - tokens_t0) / elapsed
-                metrics.write(step=state.step, tokens=state.tokens_seen, loss=loss_sum, lr=lr,
-                              grad_norm=float(grad_norm), tokens_per_s=speed, elapsed=elapsed)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{speed:,.0f}")
-            elif cfg.skip_nonfinite:
+                unread.read(metrics, bar)  # the previous step's numbers: done by now, this step's work is queued
+                unread.add(step=state.step, tokens=state.tokens_seen, loss=loss_sum, lr=lr, grad_norm=grad_norm,
+                           elapsed=time.time() - t0, new_tokens=state.tokens_seen - tokens_t0)
+            else:
                 log(f"step {state.step}: non-finite loss or gradient, batch skipped")
                 optimizer.zero_grad(set_to_none=True)
-            else:
-                raise GPTError(f"non-finite loss {loss_sum} or gradient norm {float(grad_norm)} at step {state.step}: "
-                               f"lower --lr, or pass --skip_nonfinite; the last good checkpoint is in {cfg.out_dir}")
             # the book evaluates after its first step and then every eval_interval: steps 1, 1 + interval, ...
             if took_step and ((state.step - 1) % cfg.eval_interval == 0 or state.step == total_steps):
+                unread.read(metrics, bar)  # a checkpoint never holds an unchecked step
                 train_loss, val_loss, sample = evaluate(model, run_model, train_loader, val_loader, cfg, device,
                                                         autocast, start_ids)
                 improved = state.record_eval(train_loss, val_loss)
@@ -2338,6 +2381,7 @@ def train(cfg, given=None):
                         f"evals (best {state.best_val:.3f})")
                     break
             if stop:
+                unread.read(metrics, bar)
                 if master:
                     save_run_checkpoint(cfg.out_dir, checkpoint_of(model, optimizer, cfg, state))
                 log(f"stopped by signal {stop[0]} at step {state.step}; resume with --resume")
@@ -2490,7 +2534,7 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, gen
     cache = model.new_kv_cache(idx.size(0))
     out = [idx]
     context = idx[:, -L:]
-    logits = model(context, kv_cache=cache, pos=0)[:, -1]
+    logits = model(context, kv_cache=cache, pos=0, last_only=True)[:, -1]
     pos = context.size(1)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for i in range(max_new_tokens):
@@ -2504,10 +2548,10 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, gen
         if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
         if pos < L:
-            logits = model(next_id, kv_cache=cache, pos=pos)[:, -1]
+            logits = model(next_id, kv_cache=cache, pos=pos, last_only=True)[:, -1]
             pos += 1
         else:  # slide: the last L tokens, re-encoded at positions 0..L-1
-            logits = model(torch.cat(out, dim=1)[:, -L:], kv_cache=cache, pos=0)[:, -1]
+            logits = model(torch.cat(out, dim=1)[:, -L:], kv_cache=cache, pos=0, last_only=True)[:, -1]
     return torch.cat(out, dim=1)
 
 

@@ -307,7 +307,7 @@ def test_prefill(benchmark, ext, models, stored, llama, read_bandwidth):
 
     def prefill(model):
         with torch.inference_mode():
-            return model(ids, kv_cache=model.new_kv_cache(1))[:, -1]
+            return model(ids, kv_cache=model.new_kv_cache(1), last_only=True)[:, -1]
 
     def llama_prefill(llm):
         llm.reset()

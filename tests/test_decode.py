@@ -112,6 +112,23 @@ def test_generate_takes_the_fused_step_only_when_it_applies(ext, monkeypatch):
     assert calls == []
 
 
+def test_the_weights_list_is_gathered_once_per_generation(ext, monkeypatch):
+    gathered = []
+    real = gpt.decode_weights
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval()
+    ours = lambda block: any(block is b for b in model.h)  # (not the kernels' first-use check)
+    monkeypatch.setattr(gpt, "decode_weights", lambda block: (ours(block) and gathered.append(block)) or real(block))
+    prompt = torch.randint(50257, (1, 5))
+    before = gpt.generate(model, prompt, 6)
+    assert gathered == list(model.h)  # once per block, not once per token
+    gpt.quantize(model, "int8")  # new weights, a new generation: gathered again, and used
+    after = gpt.generate(model, prompt, 6)
+    with gpt.backend("torch"):
+        assert torch.equal(after, gpt.generate(model, prompt, 6))
+    assert gathered == list(model.h) * 2 and before.shape == after.shape
+
+
 def test_a_block_feature_the_kernel_lacks_falls_back_with_the_same_tokens(ext, monkeypatch):
     """A GPTConfig field the kernel does not know (here a made-up `rotary`) at a non-default value
     sends generation to Block.forward's torch path: no fused call, the torch backend's tokens."""

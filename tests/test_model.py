@@ -91,3 +91,9 @@ def test_kv_cache_in_chunks_equals_one_forward():
         parts = [model(x[:, a:b], kv_cache=cache, pos=a) for a, b in ((0, 4), (4, 5), (5, 12))]
     assert (full - full.roll(1, dims=1)).abs().max() > 1.0
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4)
+    with torch.no_grad():  # last_only: generation's LM head on the last position alone
+        last = model(x[:, :7], kv_cache=model.new_kv_cache(2), last_only=True)
+        last_of_step = model(x[:, 7:8], kv_cache=cache, pos=7, last_only=True)
+    assert last.shape == (2, 1, 50257)
+    torch.testing.assert_close(last, full[:, 6:7], rtol=0, atol=1e-4)
+    torch.testing.assert_close(last_of_step, full[:, 7:8], rtol=0, atol=1e-4)

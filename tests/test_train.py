@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(text_file, tmp_path, m
         return loss * float("inf") if model.training and calls["n"] == 5 else loss
 
     monkeypatch.setattr(gpt, "calc_loss_batch", poisoned)
-    with pytest.raises(gpt.GPTError, match=r"non-finite loss inf .* at step 4"):
+    with pytest.raises(gpt.GPTError, match=r"non-finite loss inf .* in step 5"):
         gpt.train(tiny_run(text_file, tmp_path / "stop", max_iters=8, eval_interval=100))
     assert gpt.load_checkpoint(tmp_path / "stop" / "ckpt-00000001.pt")["step"] == 1  # the last good one stays
     calls["n"] = 0
@@ -246,3 +247,41 @@ def test_losses_png_of_one_step_without_val_then_resumed(text_file, tmp_path, mo
     assert [x for x, _ in lines["Training loss, each step"]] == [1, 2, 3, 4, 5, 6, 7]
     assert [x for x, _ in lines["Training loss, eval"]] == [1, 4, 7]
     assert "Validation loss" not in lines
+
+
+def test_the_training_loop_reads_the_device_once_a_step(text_file, tmp_path, monkeypatch):
+    """Host reads of a tensor (item, tolist, float(), int(), bool()) made by gpt.py outside the evals:
+    none per micro-step, exactly one per step (the last step's loss and gradient norm, read one step late),
+    so a GPU is never left waiting for the host mid-step."""
+    reads, in_eval = [], []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name), _name=name):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename == gpt.__file__ and not in_eval:
+                reads.append(f"{caller.f_code.co_name}:{_name}")
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_evaluate = gpt.evaluate
+
+    def evaluate(*args, **kw):
+        in_eval.append(1)
+        try:
+            return real_evaluate(*args, **kw)
+        finally:
+            in_eval.pop()
+
+    monkeypatch.setattr(gpt, "evaluate", evaluate)
+    # the kernels read small scalars where that is free (the CPU); count as on a GPU, where it is not
+    monkeypatch.setattr(gpt, "_host_reads_free", lambda t: False)
+
+    def count(steps, grad_accum, name):
+        reads.clear()
+        gpt.train(tiny_run(text_file, tmp_path / name, max_iters=steps, grad_accum=grad_accum, batch_size=2,
+                           eval_interval=100))
+        return list(reads)
+
+    count(2, 1, "warm")  # one-time work (the kernels' first-use check) out of the way
+    one, four, longer = count(6, 1, "one"), count(6, 4, "four"), count(12, 1, "longer")
+    assert one == four, "a host read per micro-step"
+    assert len(longer) - len(one) == 6 and set(longer) - set(one) == set(), longer
+    assert one.count("read:tolist") == 6
