@@ -1158,9 +1158,10 @@ def decode_block(block, x, kv_cache, pos):
 # Decoding reads every weight once per token, so its speed is the weights' size: bfloat16 halves
 # it, int8 with a float16 scale per 32 weights of a row (llama.cpp's Q8_0: 8.5 bits a weight)
 # about quarters it. quantize(model, dtype) stores every matrix that way once, embeddings and the
-# LM head included; LayerNorms and biases stay float32, and so do the activations and sums: the
-# decode kernels dequantize in registers, and many rows at once (the prompt) run as one bfloat16
-# GEMM per layer (oneDNN; AMX where the CPU has it).
+# LM head included; LayerNorms and biases stay float32. A few rows at a time (decoding), bf16
+# products keep float32 activations and sums, int8 products quantize the activations per block of
+# 32 too and sum each block exactly in integers (as llama.cpp's Q8_0; int8_linear_reference);
+# many rows at once (the prompt) run as one bfloat16 GEMM per layer (oneDNN; AMX where present).
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 QBLOCK = 32  # int8 weights per scale, along a row (the input dimension)
@@ -1191,6 +1192,28 @@ def quantize_int8_reference(w):
     inverse = torch.where(scale.float() > 0, 1 / scale.float(), 0.0)
     q = (blocks * inverse.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
     return q.view(N, -1)[:, :K].contiguous(), scale
+
+
+def quantize_activations_reference(x):
+    """x (M, K) float32 -> (q, d): the int8 products' view of x, quantized per block of 32 along a
+    row as the weights are (d = max |x| / 127 of the block in float32, q = round(x / d)), so each
+    block's product is an exact integer sum. gpt::quantized_linear and gpt::decode_block do the same."""
+    M, K = x.shape
+    blocks = F.pad(x.float(), (0, -K % QBLOCK)).view(M, -1, QBLOCK)
+    d = blocks.abs().amax(dim=-1) / 127
+    inverse = torch.where(d > 0, 1 / d, 0.0)
+    return (blocks * inverse.unsqueeze(-1)).round_().clamp_(-127, 127), d
+
+
+def int8_linear_reference(x, q, scale, bias=None):
+    """x (M, K) times an int8 weight (q, scale) as the kernels compute it: per block of 32, the exact
+    integer sum of q * (x quantized) times both scales, summed over the blocks in float32."""
+    xq, dx = quantize_activations_reference(x)
+    N, K = q.shape
+    wq = F.pad(q.float(), (0, -K % QBLOCK)).view(N, -1, QBLOCK)
+    sums = torch.einsum("mbk,nbk->mnb", xq, wq)  # integers below 2^24: exact in float32
+    y = (sums * dx.unsqueeze(1) * scale.float().unsqueeze(0)).sum(dim=-1)
+    return y + bias if bias is not None else y
 
 
 def dequantize_weight(stored, scale):
@@ -1231,6 +1254,8 @@ class QuantizedLinear(nn.Module):
         elif _ext_device_ok("decode", x) and not torch.is_grad_enabled():
             bias = self.bias if self.bias is not None else x.new_empty(0)
             y = torch.ops.gpt.quantized_linear(x2d.float().contiguous(), self.qweight, self.scale, bias)
+        elif self.qweight.dtype == torch.int8:  # the kernel's reference: int8 activations too
+            y = int8_linear_reference(x2d.float(), self.qweight, self.scale, self.bias)
         else:  # the kernel's reference: float32 activations, the dequantized weight
             y = F.linear(x2d.float(), self.weight, self.bias)
         return y.view(*x.shape[:-1], -1)

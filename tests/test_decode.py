@@ -4,10 +4,11 @@ biases and awkward sizes: head sizes not a multiple of any vector width, matrix 
 multiple of the kernel's 4-row and 64-row blocks, widths not a multiple of 16 or 32 (a partial
 int8 block), batch > 1 (and > 4, the kernel's batch group), the first and the last cache slot.
 
-Weights stored bfloat16 or int8 (gpt.quantize) are compared with the torch path of the same
-block holding the dequantized float32 weights: both then compute the same function in float32,
-so the tolerance is float32's (1e-5), not the quantization error's. Every test runs on the
-AVX-512 path and on the generic one (GPT_CPU_ISA=generic)."""
+Weights stored bfloat16 are compared with the torch path of the same block holding the
+dequantized float32 weights, int8 weights with the torch path of the stored block (which
+quantizes the activations per block of 32 as the kernel does): both sides then compute the same
+function, so the tolerance is float32's (1e-5), not the quantization error's. Every test runs on
+the AVX-512 path and on the generic one (GPT_CPU_ISA=generic)."""
 import copy
 
 import pytest
@@ -34,12 +35,16 @@ def random_block(n_head, n_embd, block_size, qkv_bias, scale=1.0, seed=0, config
 
 
 def stored_and_reference(block, dtype):
-    """(block with its matrices stored in dtype, float32 block holding the dequantized weights)."""
+    """(block with its matrices stored in dtype, its reference): for bfloat16, a float32 block holding
+    the dequantized weights; for int8, the stored block itself, whose torch path quantizes the
+    activations as the kernel does (gpt.int8_linear_reference)."""
     stored = copy.deepcopy(block)
     for module in list(stored.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and dtype != "float32":
                 setattr(module, name, gpt.QuantizedLinear(child, dtype))
+    if dtype == "int8":
+        return stored, stored
     reference = copy.deepcopy(block)
     with torch.no_grad():
         for (name, linear), (_, q) in zip(reference.named_modules(), stored.named_modules()):

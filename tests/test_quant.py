@@ -67,7 +67,10 @@ def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K,
     x = 3 * torch.randn(M, K)
     b = torch.randn(N) if bias else None
     got = torch.ops.gpt.quantized_linear(x, stored, scale, b if bias else torch.empty(0))
-    expected = F.linear(x, gpt.dequantize_weight(stored, scale), b)
+    if dtype == "int8":  # x quantized too: exact integer block sums, then the scales
+        expected = gpt.int8_linear_reference(x, stored, scale, b)
+    else:
+        expected = F.linear(x, gpt.dequantize_weight(stored, scale), b)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
@@ -219,3 +222,18 @@ def test_bfloat16_and_int8_perplexity_stay_close_to_float32(trained):
     assert ppl["float32"] < 2000  # trained: far below the vocabulary's 50257
     assert abs(ppl["bfloat16"] / ppl["float32"] - 1) < 0.005, ppl
     assert abs(ppl["int8"] / ppl["float32"] - 1) < 0.01, ppl
+
+
+def test_int8_products_err_by_at_most_half_an_activation_step():
+    """The int8 product quantizes x per block of 32 too: against float32 x times the same dequantized
+    weights, each output is off by at most sum_k |w_k| * (x's step in k's block) / 2."""
+    g = torch.Generator().manual_seed(5)
+    x, w = 3 * torch.randn(5, 85, generator=g), awkward_weight(37, 85)
+    q, scale = gpt.quantize_int8_reference(w)
+    w_deq = gpt.dequantize_weight(q, scale)
+    _, d = gpt.quantize_activations_reference(x)
+    half_step = (d / 2).repeat_interleave(gpt.QBLOCK, dim=-1)[:, :85]
+    bound = half_step @ w_deq.abs().T
+    error = (gpt.int8_linear_reference(x, q, scale) - x @ w_deq.T).abs()
+    assert (error <= bound * (1 + 1e-5) + 1e-4).all()
+    assert error.max() > 0  # (x is quantized: the products do differ)

@@ -12,13 +12,14 @@
 // of the threads per product; here it is one call and one parallel region.
 //
 // The matrices are stored float32, bfloat16, or int8 with a float16 scale per 32 weights along
-// a row (llama.cpp's Q8_0 layout: w[n, k] = q[n, k] * scale[n, k / 32]). Products read them as
-// stored and dequantize in registers to float32, with float32 activations and sums, so a
-// low-precision matrix costs only its bytes: the bandwidth it saves is the speed. (int8 or bf16
-// dot-product instructions, VNNI / vdpbf16ps, would need the activations rounded too, as
-// llama.cpp does; at these batch sizes memory, not arithmetic, sets the time.) gpt::quantized_linear
-// is the same product alone, for the LM head. Two builds of the products: AVX-512 (intrinsics,
-// picked at run time) and a generic one (GPT_CPU_ISA=generic forces it, for tests).
+// a row (llama.cpp's Q8_0 layout: w[n, k] = q[n, k] * scale[n, k / 32]). float32 and bfloat16
+// products read the weights as stored, widen them to float32 in registers and keep float32
+// activations and sums, so a bf16 matrix costs only its bytes. An int8 product quantizes the
+// activations per block of 32 as well and sums each block exactly in integers (VNNI where the
+// CPU has it), as llama.cpp does for Q8_0: widening int8 weights costs too many instructions to
+// keep up with memory. gpt::quantized_linear is the same product alone, for the LM head. Two
+// builds of the products: AVX-512 (intrinsics, AVX512-VNNI for int8; picked at run time) and a
+// generic one (GPT_CPU_ISA=generic forces it, for tests); both compute the same block sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -95,24 +96,71 @@ Matrix matrix(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bi
 // ---------------------------------------------------------------------------------------------
 // The product kernels: s[r * NB + b] = W[n + r, :] . x[b, :] for R rows of W and NB rows of x
 // (leading dimension K). R rows are read together (their loads in flight at once); each weight
-// is dequantized once and used for all NB rows of x.
+// is loaded once and used for all NB rows of x.
+//
+// An int8 weight multiplies x quantized the same way (per block of 32 along the row: d = max |x|
+// / 127, q = round(x / d); quantize_rows, once per product): a block's product is then an exact
+// integer sum, times both scales, the blocks summed in float32 -- what llama.cpp computes for
+// Q8_0. Dequantizing the weights to float32 in registers instead costs ~9 instructions per 32
+// weights, too many to keep up with memory; an integer sum is one VNNI instruction per 64.
+
+// The rows of x a product reads: float32, and for int8 weights quantized (q, with d per block).
+struct Rows {
+  const float* x;
+  const int8_t* q;
+  const float* d;
+};
+
+// Room for B rows of up to K columns quantized (int8 matrices' products).
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  QuantizedRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)) {}
+};
+
+void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
+  const int64_t nblk = (K + QBLOCK - 1) / QBLOCK;
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t j = 0; j < nblk; j++) {
+      const float* xb = x + b * K + j * QBLOCK;
+      const int64_t n = std::min(QBLOCK, K - j * QBLOCK);
+      float amax = 0.0f;
+      for (int64_t i = 0; i < n; i++) amax = std::max(amax, std::fabs(xb[i]));
+      const float dj = amax / 127.0f, inverse = dj > 0.0f ? 1.0f / dj : 0.0f;
+      d[b * nblk + j] = dj;
+      for (int64_t i = 0; i < n; i++)  // round half to even, as torch.round
+        q[b * K + j * QBLOCK + i] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[i] * inverse))));
+    }
+}
 
 float to_float(float v) { return v; }
-float to_float(int8_t v) { return static_cast<float>(v); }
 float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 template <class T, int R, int NB>
-void dot_rows_generic(const Matrix& m, int64_t n, const float* x, float* s) {
-  const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
+void dot_rows_generic(const Matrix& m, int64_t n, const Rows& x, float* s) {
+  const int64_t K = m.K;
   const T* w = static_cast<const T*>(m.w) + n * K;
   float acc[R][NB] = {};
-  for (int64_t j = 0; j < K; j += QBLOCK) {
-    const int64_t e = std::min(j + QBLOCK, K);
+  for (int64_t i = 0; i < K; i++)
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < NB; b++) acc[r][b] += to_float(w[r * K + i]) * x.x[b * K + i];
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) s[r * NB + b] = acc[r][b];
+}
+
+template <int R, int NB>
+void dot_rows_generic_int8(const Matrix& m, int64_t n, const Rows& x, float* s) {
+  const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
+  const int8_t* w = static_cast<const int8_t*>(m.w) + n * K;
+  float acc[R][NB] = {};
+  for (int64_t j = 0; j < nblk; j++) {
+    const int64_t e = std::min((j + 1) * QBLOCK, K);
     for (int r = 0; r < R; r++) {
-      const float d = m.scale ? static_cast<float>(m.scale[(n + r) * nblk + j / QBLOCK]) : 1.0f;
-      for (int64_t i = j; i < e; i++) {
-        const float wi = to_float(w[r * K + i]) * d;
-        for (int b = 0; b < NB; b++) acc[r][b] += wi * x[b * K + i];
+      const float dw = static_cast<float>(m.scale[(n + r) * nblk + j]);
+      for (int b = 0; b < NB; b++) {
+        int32_t sum = 0;
+        for (int64_t i = j * QBLOCK; i < e; i++) sum += int32_t{w[r * K + i]} * x.q[b * K + i];
+        acc[r][b] += static_cast<float>(sum) * (dw * x.d[b * nblk + j]);
       }
     }
   }
@@ -125,6 +173,7 @@ void dot_rows_generic(const Matrix& m, int64_t n, const float* x, float* s) {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define GPT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define GPT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 
 // 16 weights from p (lanes outside mask k read as 0), as float32.
 GPT_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
@@ -138,8 +187,8 @@ GPT_AVX512 inline __mmask16 first_lanes(int64_t n) {  // lanes 0..n-1 of 16
 }
 
 // Asks for the weights `ahead` elements on (the same columns of the next group of rows) now:
-// the loads of a decode step stream from memory, and a core busy dequantizing keeps too few
-// misses in flight for the hardware prefetcher alone to reach the memory's bandwidth.
+// the loads of a decode step stream from memory, and a core busy converting weights keeps too
+// few misses in flight for the hardware prefetcher alone to reach the memory's bandwidth.
 template <class T>
 GPT_AVX512 inline void prefetch_ahead(const T* p, int64_t ahead) {
   _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
@@ -147,9 +196,10 @@ GPT_AVX512 inline void prefetch_ahead(const T* p, int64_t ahead) {
 
 // float32 or bf16: 32 weights per step (two vectors); masked loads past K read zeros.
 template <class T, int R, int NB>
-GPT_AVX512 void dot_rows_avx512(const Matrix& m, int64_t n, const float* x, float* s) {
+GPT_AVX512 void dot_rows_avx512(const Matrix& m, int64_t n, const Rows& rows, float* s) {
   const int64_t K = m.K;
   const T* w = static_cast<const T*>(m.w) + n * K;
+  const float* x = rows.x;
   __m512 acc[R][NB];
   for (int r = 0; r < R; r++)
     for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
@@ -170,54 +220,57 @@ GPT_AVX512 void dot_rows_avx512(const Matrix& m, int64_t n, const float* x, floa
     for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
-// int8 (Q8_0), as above with fewer instructions a weight, since dequantizing is what it spends its
-// time on (not memory): a block's two 16-lane products are summed first and its scale applied
-// once, by an FMA that broadcasts the scale straight from a small array (16 blocks' scales per row
-// converted from float16 at a time); full blocks load unmasked, so the load folds into vpmovsxbd.
-template <int R, int NB, bool FULL>
-GPT_AVX512 inline __attribute__((always_inline)) void q8_block(const int8_t* w, int64_t K, int64_t i,
-                                                               const float* x, const float (*d)[16], int j,
-                                                               __m512 (*acc)[NB]) {
-  const __mmask16 k0 = FULL ? 0xFFFF : first_lanes(K - i), k1 = FULL ? 0xFFFF : first_lanes(K - i - 16);
-  __m512 x0[NB], x1[NB];
-  for (int b = 0; b < NB; b++) {
-    x0[b] = FULL ? _mm512_loadu_ps(x + b * K + i) : _mm512_maskz_loadu_ps(k0, x + b * K + i);
-    x1[b] = FULL ? _mm512_loadu_ps(x + b * K + i + 16) : _mm512_maskz_loadu_ps(k1, x + b * K + i + 16);
-  }
-  for (int r = 0; r < R; r++) {
-    const int8_t* p = w + r * K + i;
-    prefetch_ahead(p, R * K);
-    const __m128i q0 = FULL ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(k0, p);
-    const __m128i q1 = FULL ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))
-                            : _mm_maskz_loadu_epi8(k1, p + 16);
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
-    for (int b = 0; b < NB; b++)
-      acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(d[r][j]), _mm512_fmadd_ps(w1, x1[b], _mm512_mul_ps(w0, x0[b])),
-                                  acc[r][b]);
-  }
-}
-
+// int8 with AVX512-VNNI: 64 weights (two blocks) per step. vpdpbusd multiplies unsigned by signed
+// bytes, so it takes |x| and the weights with x's sign moved onto them; its 16 int32 lanes hold
+// block j's sum in lanes 0-7 and block j+1's in 8-15, scaled by a vector of the two blocks'
+// dw * dx (scales of 16 blocks at a time in a small array, two picked by a permute).
 template <int R, int NB>
-GPT_AVX512 void dot_rows_avx512_q8(const Matrix& m, int64_t n, const float* x, float* s) {
-  const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK, full = K / QBLOCK;
+GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, float* s) {
+  const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
   const int8_t* w = static_cast<const int8_t*>(m.w) + n * K;
+  const __m512i zero = _mm512_setzero_si512();
   __m512 acc[R][NB];
   for (int r = 0; r < R; r++)
     for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
-  alignas(64) float d[R][16];
-  for (int64_t blk = 0; blk < nblk; blk++) {
-    if (blk % 16 == 0)
+  alignas(64) float scales[R][NB][16];
+  for (int64_t i = 0; i < K; i += 2 * QBLOCK) {
+    const int64_t j = i / QBLOCK;  // the first of the step's two blocks
+    if (j % 16 == 0) {  // dw * dx of the next 16 blocks
+      const __mmask16 kb = first_lanes(nblk - j);
       for (int r = 0; r < R; r++) {
-        const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(nblk - blk), m.scale + (n + r) * nblk + blk);
-        _mm512_store_ps(d[r], _mm512_cvtph_ps(h));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kb, m.scale + (n + r) * nblk + j));
+        for (int b = 0; b < NB; b++)
+          _mm512_store_ps(scales[r][b], _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(kb, x.d + b * nblk + j)));
       }
-    if (blk < full)
-      q8_block<R, NB, true>(w, K, blk * QBLOCK, x, d, blk % 16, acc);
-    else
-      q8_block<R, NB, false>(w, K, blk * QBLOCK, x, d, blk % 16, acc);
+    }
+    const __m512i pair = _mm512_set_epi32(j % 16 + 1, j % 16 + 1, j % 16 + 1, j % 16 + 1, j % 16 + 1, j % 16 + 1,
+                                          j % 16 + 1, j % 16 + 1, j % 16, j % 16, j % 16, j % 16, j % 16, j % 16,
+                                          j % 16, j % 16);
+    const __mmask64 k = K - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - i)) - 1;
+    __m512i xabs[NB];
+    __mmask64 xneg[NB];
+    for (int b = 0; b < NB; b++) {
+      const __m512i xq = _mm512_maskz_loadu_epi8(k, x.q + b * K + i);
+      xabs[b] = _mm512_abs_epi8(xq);
+      xneg[b] = _mm512_movepi8_mask(xq);
+    }
+    for (int r = 0; r < R; r++) {
+      prefetch_ahead(w + r * K + i, R * K);
+      const __m512i wq = _mm512_maskz_loadu_epi8(k, w + r * K + i);
+      for (int b = 0; b < NB; b++) {
+        const __m512i sums = _mm512_dpbusd_epi32(zero, xabs[b], _mm512_mask_sub_epi8(wq, xneg[b], zero, wq));
+        const __m512 scale = _mm512_permutexvar_ps(pair, _mm512_load_ps(scales[r][b]));
+        acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][b]);
+      }
+    }
   }
   for (int r = 0; r < R; r++)
     for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+bool isa_forced_generic() {
+  const char* force = std::getenv("GPT_CPU_ISA");  // tests run the generic paths too
+  return force != nullptr && std::strcmp(force, "generic") == 0;
 }
 
 bool use_avx512() {
@@ -226,25 +279,36 @@ bool use_avx512() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
   }();
-  const char* force = std::getenv("GPT_CPU_ISA");  // tests run the generic path too
-  return has && !(force != nullptr && std::strcmp(force, "generic") == 0);
+  return has && !isa_forced_generic();
+}
+
+bool use_vnni() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+  }();
+  return has && use_avx512();
 }
 #else
 bool use_avx512() { return false; }
+bool use_vnni() { return false; }
 #endif
 
-using DotRows = void (*)(const Matrix&, int64_t, const float*, float*);
+using DotRows = void (*)(const Matrix&, int64_t, const Rows&, float*);
 
 template <class T, int R, int NB>
-DotRows pick_dot_rows(bool avx512) {
-#if GPT_X86
+DotRows pick_dot_rows() {
   if constexpr (std::is_same<T, int8_t>::value) {
-    if (avx512) return &dot_rows_avx512_q8<R, NB>;
-  } else if (avx512) {
-    return &dot_rows_avx512<T, R, NB>;
-  }
+#if GPT_X86
+    if (use_vnni()) return &dot_rows_vnni_int8<R, NB>;
 #endif
-  return &dot_rows_generic<T, R, NB>;
+    return &dot_rows_generic_int8<R, NB>;
+  } else {
+#if GPT_X86
+    if (use_avx512()) return &dot_rows_avx512<T, R, NB>;
+#endif
+    return &dot_rows_generic<T, R, NB>;
+  }
 }
 
 constexpr int kRows = 4, kBatch = 4;  // 16 accumulators of 16 floats: half the AVX-512 registers
@@ -255,19 +319,16 @@ struct DotTable {
 };
 
 template <class T>
-DotTable dot_table(bool avx512) {
-  return {{{pick_dot_rows<T, 1, 1>(avx512), pick_dot_rows<T, 1, 2>(avx512), pick_dot_rows<T, 1, 3>(avx512),
-            pick_dot_rows<T, 1, 4>(avx512)},
-           {pick_dot_rows<T, 4, 1>(avx512), pick_dot_rows<T, 4, 2>(avx512), pick_dot_rows<T, 4, 3>(avx512),
-            pick_dot_rows<T, 4, 4>(avx512)}}};
+DotTable dot_table() {
+  return {{{pick_dot_rows<T, 1, 1>(), pick_dot_rows<T, 1, 2>(), pick_dot_rows<T, 1, 3>(), pick_dot_rows<T, 1, 4>()},
+           {pick_dot_rows<T, 4, 1>(), pick_dot_rows<T, 4, 2>(), pick_dot_rows<T, 4, 3>(), pick_dot_rows<T, 4, 4>()}}};
 }
 
 DotTable dot_table(Kind kind) {
-  const bool avx512 = use_avx512();
   switch (kind) {
-    case Kind::BF16: return dot_table<at::BFloat16>(avx512);
-    case Kind::I8: return dot_table<int8_t>(avx512);
-    default: return dot_table<float>(avx512);
+    case Kind::BF16: return dot_table<at::BFloat16>();
+    case Kind::I8: return dot_table<int8_t>();
+    default: return dot_table<float>();
   }
 }
 
@@ -311,10 +372,15 @@ enum class Epilogue { kStore, kGelu, kAddToOut };
 // kAddToOut adds it to what out holds (the residual). Called by every thread of a parallel
 // region: chunks of 64 rows of W are handed out dynamically (a thread slowed by a neighbour does
 // not hold the other up); each row of W is read from memory once for all B rows of x (groups of
-// 4 rows stay in L1 while up to 4 rows of x at a time pass over them).
+// 4 rows stay in L1 while up to 4 rows of x at a time pass over them). For an int8 matrix one
+// thread first quantizes x into `quantized` (the single's barrier then publishes it to all).
 template <Epilogue E>
-void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, float* out) {
-  const int64_t N = m.N, K = m.K, chunks = (N + 63) / 64;
+void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, QuantizedRows& quantized, float* out) {
+  const int64_t N = m.N, K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK, chunks = (N + 63) / 64;
+  if (m.kind == Kind::I8) {
+#pragma omp single
+    quantize_rows(x, B, K, quantized.q.data(), quantized.d.data());
+  }
 #pragma omp for schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks; c++) {
     const int64_t n0 = c * 64, n1 = std::min(n0 + 64, N);
@@ -323,7 +389,8 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, fl
       for (int64_t b = 0; b < B; b += kBatch) {
         const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b));
         float s[kRows * kBatch];
-        dots.f[rows == kRows][nb - 1](m, n, x + b * K, s);
+        const Rows rows_b{x + b * K, quantized.q.data() + b * K, quantized.d.data() + b * nblk};
+        dots.f[rows == kRows][nb - 1](m, n, rows_b, s);
         for (int r = 0; r < rows; r++)
           for (int j = 0; j < nb; j++) {
             const float v = s[r * nb + j] + (m.bias ? m.bias[n + r] : 0.0f);
@@ -405,19 +472,20 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList w, at::Tensor& c
   at::Tensor y = at::empty({B, C}, x.options()), f = at::empty({B, F}, x.options());
   float *o = out.data_ptr<float>(), *hp = h.data_ptr<float>(), *qp = qkv.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *fp = f.data_ptr<float>();
+  QuantizedRows quantized(B, F);  // (F, the widest input)
   // One parallel region for the whole block: its phases are separated by barriers (each `omp for`
   // and `omp single` ends with one), ~1 us, where a region per product would cost a fork/join each.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
 #pragma omp single
     layer_norm(o, B, C, f32(LN1_W), f32(LN1_B), hp);
-    linear<Epilogue::kStore>(hp, B, qkv_m, dq, qp);
+    linear<Epilogue::kStore>(hp, B, qkv_m, dq, quantized, qp);
     attend(qp, B, H, D, cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), L, pos, yp);
-    linear<Epilogue::kAddToOut>(yp, B, proj_m, dp, o);
+    linear<Epilogue::kAddToOut>(yp, B, proj_m, dp, quantized, o);
 #pragma omp single
     layer_norm(o, B, C, f32(LN2_W), f32(LN2_B), hp);
-    linear<Epilogue::kGelu>(hp, B, fc_m, df, fp);
-    linear<Epilogue::kAddToOut>(fp, B, out_m, dm, o);
+    linear<Epilogue::kGelu>(hp, B, fc_m, df, quantized, fp);
+    linear<Epilogue::kAddToOut>(fp, B, out_m, dm, quantized, o);
   }
   return out;
 }
@@ -435,8 +503,9 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const DotTable dots = dot_table(m.kind);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  QuantizedRows quantized(M, m.K);
 #pragma omp parallel num_threads(at::get_num_threads())
-  linear<Epilogue::kStore>(xp, M, m, dots, op);
+  linear<Epilogue::kStore>(xp, M, m, dots, quantized, op);
   return out;
 }
 
