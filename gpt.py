@@ -215,12 +215,22 @@ def cache_dir():
     return os.environ.get("GPT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gpt"))
 
 
+def _umask():
+    mask = os.umask(0)  # (reading it means setting it)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import: no thread ever sees the momentary 0
+
+
 def atomic_write(path, write):
     """write(f) into a temporary file beside path, fsync, then rename over path: a reader (or a
     crash at any moment) sees the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # the mode open() would give it (mkstemp's is owner-only)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -192,3 +192,12 @@ def test_full_disk_on_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     with pytest.raises(gpt.GPTError, match="No space left on device"):
         gpt.save_checkpoint(tmp_path / "ckpt-00000002.pt", {"step": 2})
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.pt"] and gpt.load_checkpoint(good)["step"] == 1
+
+
+def test_files_written_atomically_get_the_mode_open_would_give(tmp_path):
+    """Checkpoints, exports and plots are written through a temporary file: they must not keep its
+    owner-only mode (0600), or another user of a shared model folder cannot read them."""
+    path, plain = tmp_path / "model.gguf", tmp_path / "plain"
+    gpt.atomic_write(str(path), lambda f: f.write(b"x"))
+    plain.write_bytes(b"x")  # open()'s mode under this process's umask
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~gpt.UMASK
