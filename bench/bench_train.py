@@ -188,8 +188,10 @@ def step_flops(n_matmul_params, tokens, n_layer=12, n_embd=768, T=256):
 
 @pytest.mark.benchmark(group="train step GPT-124M vs nanoGPT-equivalent, bf16 and fp32")
 @pytest.mark.parametrize("batch", [2, 8])
-def test_train_step_vs_nanogpt(benchmark, ext, batch, rounds=3):
-    """One run, candidates interleaved round-robin; ratios gpt / nanoGPT per (dtype, dropout)."""
+def test_train_step_vs_nanogpt(benchmark, ext, batch):
+    """One run, candidates interleaved round-robin; ratios gpt / nanoGPT per (dtype, dropout). The
+    2x256 steps (~1 s) varied by up to 1.5x from round to round on a quiet 2-core VM: more rounds."""
+    rounds = 7 if batch == 2 else 3
     torch.manual_seed(0)
     ours = gpt.GPT(gpt.GPTConfig(**gpt.MODEL_PRESETS["book"]))
     ours_opt = ours.configure_optimizer(4e-4, 0.1, (0.9, 0.999), "cpu")
