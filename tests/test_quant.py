@@ -237,3 +237,21 @@ def test_int8_products_err_by_at_most_half_an_activation_step():
     error = (gpt.int8_linear_reference(x, q, scale) - x @ w_deq.T).abs()
     assert (error <= bound * (1 + 1e-5) + 1e-4).all()
     assert error.max() > 0  # (x is quantized: the products do differ)
+
+
+def test_int8_products_round_activation_ties_to_even_on_both_paths(ext, isa):
+    """With an identity weight, the product returns x as quantized: a block whose largest |x| is 127
+    has step 1, so x = k + 0.5 must round to even (2.5 -> 2, 3.5 -> 4, -2.5 -> -2), as torch.round."""
+    K = 70  # two full blocks and a 6-wide one
+    x = torch.empty(2, K)
+    x[:, 0] = 127.0
+    x[:, 1:] = (torch.arange(1, K) % 9 - 4 + 0.5).repeat(2, 1)  # ties: -3.5 ... 4.5
+    x[1, 32:] *= 3.0  # second row, later blocks: another step
+    x[:, 32] = x[:, 64] = 127.0
+    q, scale = gpt.quantize_weight(torch.eye(K), "int8")
+    got = torch.ops.gpt.quantized_linear(x, q, scale, torch.empty(0))
+    expected = gpt.int8_linear_reference(x, q, scale)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    step_w = 127 * scale[0, 0].float()  # the identity's 1 as stored: 127 times its float16 scale
+    quantized_x = (got[0, 1:6] / step_w).round().tolist()
+    assert quantized_x == [-2.0, -2.0, 0.0, 0.0, 2.0]  # x = -2.5, -1.5, -0.5, 0.5, 1.5, each to even

@@ -118,7 +118,7 @@ struct QuantizedRows {
   QuantizedRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)) {}
 };
 
-void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
+void quantize_rows_generic(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
   const int64_t nblk = (K + QBLOCK - 1) / QBLOCK;
   for (int64_t b = 0; b < B; b++)
     for (int64_t j = 0; j < nblk; j++) {
@@ -268,6 +268,28 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
     for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
+// quantize_rows_generic's rule, 32 values at a time: one thread runs it while the others wait.
+GPT_AVX512 inline __m128i quantize16(__m512 v, __m512 inverse) {
+  const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_set1_ps(127.0f),
+                                                               _mm512_max_ps(_mm512_set1_ps(-127.0f), r))));
+}
+
+GPT_AVX512 void quantize_rows_avx512(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
+  const int64_t nblk = (K + QBLOCK - 1) / QBLOCK;
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t j = 0; j < nblk; j++) {
+      const int64_t i = j * QBLOCK;
+      const __mmask16 k0 = first_lanes(K - i), k1 = first_lanes(K - i - 16);
+      const __m512 x0 = _mm512_maskz_loadu_ps(k0, x + b * K + i), x1 = _mm512_maskz_loadu_ps(k1, x + b * K + i + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const float dj = amax / 127.0f, inverse = dj > 0.0f ? 1.0f / dj : 0.0f;
+      d[b * nblk + j] = dj;
+      _mm_mask_storeu_epi8(q + b * K + i, k0, quantize16(x0, _mm512_set1_ps(inverse)));
+      _mm_mask_storeu_epi8(q + b * K + i + 16, k1, quantize16(x1, _mm512_set1_ps(inverse)));
+    }
+}
+
 bool isa_forced_generic() {
   const char* force = std::getenv("GPT_CPU_ISA");  // tests run the generic paths too
   return force != nullptr && std::strcmp(force, "generic") == 0;
@@ -293,6 +315,13 @@ bool use_vnni() {
 bool use_avx512() { return false; }
 bool use_vnni() { return false; }
 #endif
+
+void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
+#if GPT_X86
+  if (use_avx512()) return quantize_rows_avx512(x, B, K, q, d);
+#endif
+  quantize_rows_generic(x, B, K, q, d);
+}
 
 using DotRows = void (*)(const Matrix&, int64_t, const Rows&, float*);
 
