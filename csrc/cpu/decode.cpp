@@ -243,9 +243,8 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
           _mm512_store_ps(scales[r][b], _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(kb, x.d + b * nblk + j)));
       }
     }
-    const __m512i pair = _mm512_set_epi32(j % 16 + 1, j % 16 + 1, j % 16 + 1, j % 16 + 1, j % 16 + 1, j % 16 + 1,
-                                          j % 16 + 1, j % 16 + 1, j % 16, j % 16, j % 16, j % 16, j % 16, j % 16,
-                                          j % 16, j % 16);
+    const int t = static_cast<int>(j % 16);  // lanes 0-7 pick block j's scale, lanes 8-15 block j+1's
+    const __m512i pair = _mm512_mask_set1_epi32(_mm512_set1_epi32(t), 0xFF00, t + 1);
     const __mmask64 k = K - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - i)) - 1;
     __m512i xabs[NB];
     __mmask64 xneg[NB];
