@@ -927,8 +927,8 @@ def _register_cross_entropy():
 
 
 def _ce_dtype(t):
-    """The logits dtype the kernels take for t: bfloat16 as is on the CPU (statistics in float32), else float32."""
-    return torch.bfloat16 if t.dtype == torch.bfloat16 and t.device.type == "cpu" else torch.float32
+    """The logits dtype the kernels take for t: bfloat16 as it is (statistics in float32), else float32."""
+    return torch.bfloat16 if t.dtype == torch.bfloat16 else torch.float32
 
 
 # gpt's own calls pass check_targets=False: on a GPU the op's target check is a host read per call
@@ -978,8 +978,8 @@ def _scaled(grad, scale):
 
 def cross_entropy(logits, targets, inplace=False):
     """Mean cross-entropy over targets that are not -100. With inplace=True (ext backend) the
-    gradient overwrites logits, which the caller must not use afterwards. bf16 logits (CPU) are
-    taken as they are; the loss is float32, the gradient bf16."""
+    gradient overwrites logits, which the caller must not use afterwards. bf16 logits are taken
+    as they are; the loss is float32, the gradient bf16."""
     logits2d, targets1d = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     if not _ext_device_ok("cross_entropy", logits):
         return F.cross_entropy(logits2d.float(), targets1d, ignore_index=-100)
@@ -1026,14 +1026,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h, weight, targets, chunk_rows=512):
     """cross_entropy(h @ weight^T, targets) for final hidden states h (N, C) and the LM head (V, C).
-    Under bf16 autocast on the CPU the GEMMs run in bf16 (weight cast once per call, as autocast's
-    F.linear would), the log-softmax and its gradient in float32."""
+    Under bf16 autocast the GEMMs run in bf16 (weight cast once per call, as autocast's F.linear
+    would), the log-softmax and its gradient in float32."""
     h2d, targets1d = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     if not _ext_device_ok("cross_entropy", h):
         return F.cross_entropy(F.linear(h2d, weight).float(), targets1d, ignore_index=-100)
     dev = h.device.type
     bf16 = h.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
-    dtype = torch.bfloat16 if bf16 and dev == "cpu" else torch.float32  # the CUDA kernel takes float32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     h2d, weight = h2d.to(dtype).contiguous(), weight.to(dtype)
     with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in `dtype`
         if torch.is_grad_enabled() and (h2d.requires_grad or weight.requires_grad):
@@ -1349,15 +1349,16 @@ def _attention_case(g, device, B, H, T, D, scale=1.0):
 
 
 def _cross_entropy_case(g, device, N, V, C=0):
-    """Mean cross-entropy and its gradient of logits (N, V), and with C also through an LM head
-    (linear_cross_entropy, several chunks); a fifth of the targets ignored."""
+    """Mean cross-entropy and its gradient of logits (N, V) in float32 and in bf16, and with C also
+    through an LM head (linear_cross_entropy, several chunks); a fifth of the targets ignored."""
     targets = torch.randint(0, V, (N,), generator=g).masked_fill(torch.rand(N, generator=g) < 0.2, -100).to(device)
     logits = torch.randn(N, V, generator=g).mul(8).to(device)
     h, w = torch.randn(N, C, generator=g).to(device), torch.randn(V, C, generator=g).to(device)
 
     def run():
         results = []
-        for f, inputs in [(cross_entropy, [logits])] + ([(linear_cross_entropy, [h, w])] if C else []):
+        cases = [(cross_entropy, [logits]), (cross_entropy, [logits.bfloat16()])]
+        for f, inputs in cases + ([(linear_cross_entropy, [h, w])] if C else []):
             leaves = [t.clone().requires_grad_() for t in inputs]
             loss = f(*leaves, targets) if f is cross_entropy else f(*leaves, targets, chunk_rows=32)
             loss.backward()

@@ -2,13 +2,13 @@
 #pragma once
 #include <ATen/ATen.h>
 
-// cross_entropy_loss and cross_entropy_loss_grad_: logits (N, V) float32 (or, where the kernel takes
-// it, bfloat16) contiguous, targets (N,) int64.
-inline void check_cross_entropy_shapes(const at::Tensor& logits, const at::Tensor& targets, const char* op,
-                                       bool bf16_ok = false) {
-  const bool dtype_ok = logits.scalar_type() == at::kFloat || (bf16_ok && logits.scalar_type() == at::kBFloat16);
-  TORCH_CHECK(logits.dim() == 2 && dtype_ok && logits.is_contiguous(), op, ": logits must be a contiguous (N, V) ",
-              bf16_ok ? "float32 or bfloat16" : "float32", " tensor, got ", logits.sizes(), " ", logits.scalar_type());
+// cross_entropy_loss and cross_entropy_loss_grad_: logits (N, V) float32 or bfloat16 contiguous,
+// targets (N,) int64.
+inline void check_cross_entropy_shapes(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
+  const bool dtype_ok = logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(logits.dim() == 2 && dtype_ok && logits.is_contiguous(), op,
+              ": logits must be a contiguous (N, V) float32 or bfloat16 tensor, got ", logits.sizes(), " ",
+              logits.scalar_type());
   TORCH_CHECK(targets.dim() == 1 && targets.scalar_type() == at::kLong && targets.size(0) == logits.size(0), op,
               ": targets must be an int64 (N,) tensor with N = ", logits.size(0), ", got ", targets.sizes(), " ",
               targets.scalar_type());

@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import gpt
+from conftest import requires_cuda
 from test_train import tiny_run
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 def test_auto_picks_bf16_only_where_it_is_native(monkeypatch):
@@ -26,19 +29,20 @@ def test_bad_dtype_is_one_line_error(tmp_path):
         gpt.validate_train_config(gpt.TrainConfig(dtype="half"))
 
 
-def linear_ce_inputs(N, C, V, seed=0):
+def linear_ce_inputs(N, C, V, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, C, generator=g)
     w = torch.randn(V, C, generator=g) * 0.05
     targets = torch.randint(0, V, (N,), generator=g)
     targets[torch.rand(N, generator=g) < 0.2] = -100
-    return h, w, targets
+    return h.to(device), w.to(device), targets.to(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N,chunk_rows", [(1, 512), (700, 512), (1100, 256)])
-def test_linear_cross_entropy_float32_matches_torch(ext, N, chunk_rows):
+def test_linear_cross_entropy_float32_matches_torch(ext, device, N, chunk_rows):
     # several chunks: grad_weight is written by the first chunk and accumulated by the others
-    h, w, targets = linear_ce_inputs(N, 48, 3001, seed=N)
+    h, w, targets = linear_ce_inputs(N, 48, 3001, seed=N, device=device)
     hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss = gpt.linear_cross_entropy(hx, wx, targets, chunk_rows=chunk_rows)
     (loss * 1.5).backward()
@@ -50,15 +54,16 @@ def test_linear_cross_entropy_float32_matches_torch(ext, N, chunk_rows):
     torch.testing.assert_close(wx.grad, wr.grad, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N,chunk_rows", [(1, 512), (700, 512), (1100, 256)])
-def test_linear_cross_entropy_bfloat16_matches_torch(ext, N, chunk_rows):
+def test_linear_cross_entropy_bfloat16_matches_torch(ext, device, N, chunk_rows):
     """Under bf16 autocast the chunk GEMMs take bf16 h and weight, as autocast's F.linear does, and the
     log-softmax is float32: the loss matches F.cross_entropy over float32 logits of the bf16 GEMM within
     2e-3 (the bf16 rounding of the logits: 2^-9 of |logit| ~ 4 here), the gradients within 2^-7 of their
     largest magnitude (bf16 gradient logits, bf16 GEMM outputs, grad_weight summed per chunk in bf16)."""
-    h, w, targets = linear_ce_inputs(N, 48, 3001, seed=N)
+    h, w, targets = linear_ce_inputs(N, 48, 3001, seed=N, device=device)
     hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = gpt.linear_cross_entropy(hx, wx, targets, chunk_rows=chunk_rows)
     loss.backward()
     assert loss.dtype == torch.float32 and hx.grad.dtype == wx.grad.dtype == torch.float32

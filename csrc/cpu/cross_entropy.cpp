@@ -108,7 +108,7 @@ uint16_t narrow(float x, uint16_t*) { return float_to_bf16(x); }
 // Checks shapes and every target before anything is written (the _grad_ op mutates its input).
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
   TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), op, ": expects CPU tensors");
-  check_cross_entropy_shapes(logits, targets, op, /*bf16_ok=*/true);
+  check_cross_entropy_shapes(logits, targets, op);
   const at::Tensor t = targets.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
   const int64_t N = logits.size(0), V = logits.size(1);

@@ -1,10 +1,12 @@
 // Fused softmax cross-entropy on CUDA (llm.c's fused classifier), one block per row.
-// logits (N, V) float32 row-major, targets (N,) int64 with -100 = ignored.
+// logits (N, V) float32 or bfloat16 row-major (read and written in their dtype, the softmax
+// statistics and the gradient computed in float32), targets (N,) int64 with -100 = ignored.
 //   loss_i = logsumexp(logits_i) - logits_i[target_i]             (0 for ignored rows)
 //   grad_i = grad_scale * (softmax(logits_i) - onehot(target_i))  (0 for ignored rows)
 // Pass 1: each thread keeps an online (max, sum of exp) over its strided elements, merged across
 // the block. Pass 2 (the _grad_ op): each thread overwrites its elements with the gradient.
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -47,11 +49,12 @@ __device__ MaxSum block_merge(MaxSum v) {
 }
 
 // One block per row: loss[row], and when write_grad the row's gradient over its logits.
+template <class scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    cross_entropy_kernel(float* logits, const int64_t* targets, float* loss, int64_t V, float grad_scale,
+    cross_entropy_kernel(scalar_t* logits, const int64_t* targets, float* loss, int64_t V, float grad_scale,
                          bool write_grad) {
   const int64_t row = blockIdx.x;
-  float* x = logits + row * V;
+  scalar_t* x = logits + row * V;
   const int64_t t = targets[row];
   if (t != -100 && (t < 0 || t >= V)) {  // unchecked by the host (check_targets false): never a silent read
     CUDA_KERNEL_ASSERT(false && "cross_entropy: a target is outside [0, V) and is not -100");
@@ -60,14 +63,14 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (t == -100) {  // the whole block takes this branch
     if (write_grad)
-      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) x[j] = 0.0f;
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) x[j] = scalar_t(0.0f);
     if (threadIdx.x == 0) loss[row] = 0.0f;
     return;
   }
-  const float xt = x[t];  // read before any thread overwrites the row
+  const float xt = static_cast<float>(x[t]);  // read before any thread overwrites the row
   MaxSum st{-INFINITY, 0.0f};
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float v = x[j];
+    const float v = static_cast<float>(x[j]);
     if (v > st.m) {
       st.s = st.s * __expf(st.m - v) + 1.0f;
       st.m = v;
@@ -80,8 +83,8 @@ __global__ void __launch_bounds__(kThreads)
   if (!write_grad) return;
   const float c = grad_scale / st.s;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float g = c * __expf(x[j] - st.m);
-    x[j] = j == t ? g - grad_scale : g;
+    const float g = c * __expf(static_cast<float>(x[j]) - st.m);
+    x[j] = static_cast<scalar_t>(j == t ? g - grad_scale : g);
   }
 }
 
@@ -119,12 +122,18 @@ at::Tensor launch(at::Tensor& logits, const at::Tensor& targets, double grad_sca
   check_inputs(logits, targets, check_targets, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options());
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   if (N == 0) return loss;
   const at::Tensor t = targets.contiguous();
-  cross_entropy_kernel<<<static_cast<unsigned>(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      logits.data_ptr<float>(), t.data_ptr<int64_t>(), loss.data_ptr<float>(), V, static_cast<float>(grad_scale),
-      write_grad);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (logits.scalar_type() == at::kFloat)
+    cross_entropy_kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        logits.data_ptr<float>(), t.data_ptr<int64_t>(), loss.data_ptr<float>(), V, static_cast<float>(grad_scale),
+        write_grad);
+  else
+    cross_entropy_kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        logits.data_ptr<at::BFloat16>(), t.data_ptr<int64_t>(), loss.data_ptr<float>(), V,
+        static_cast<float>(grad_scale), write_grad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
 }

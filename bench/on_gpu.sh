@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One sitting on a lent CUDA machine: build the kernels for its GPU, run every test that needs
+# CUDA, the CUDA benchmarks, and the README's training command on the GPU. Logs go to $OUT.
+#   bash bench/on_gpu.sh [build|tests|bench|train ...]     (default: all four, in that order)
+# Wheels the machine lacks (tokenizer files, corpus) are installed from .whl/ when present.
+set -uo pipefail
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+steps=${*:-build tests bench train}
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+
+for step in $steps; do
+  echo "=== $step"; start=$SECONDS
+  case $step in
+    build)  # this GPU's arch only: the build is a check of the sources, not the shipped wheel.
+      # Seen on the lent H100's image: its /opt/gcc g++ linked libstdc++ into gpt_ext statically, and a
+      # kernel's error message holding a number then crashed (two copies of std::locale's facet ids).
+      ls gpt_ext*.so 2>/dev/null | grep -q . && { echo "using the carried $(ls gpt_ext*.so)"; continue; }
+      TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
+        MAX_JOBS=16 timeout 400 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
+        || { tail -30 "$OUT/build.log"; exit 1; }
+      cp gpt_ext*.so "$OUT"/ ;;
+    tests)  # every file with CUDA cases
+      timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/test_cuda_model.py \
+        tests/test_attention.py tests/test_cross_entropy.py tests/test_sample_kernel.py tests/test_backend.py \
+        tests/test_device.py tests/test_bf16.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    bench)
+      GPT_PEAK_TFLOPS=${GPT_PEAK_TFLOPS:-989} timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        bench/bench_cuda.py --benchmark-only --benchmark-columns=median,min,max -s 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
+    train)  # the README's command, on the GPU (auto picks CUDA and bf16)
+      timeout 300 python3 gpt.py train --out_dir /tmp/gpt-run --overwrite 2>&1 | tee "$OUT/train.log" | tail -25 ;;
+  esac
+  echo "=== $step: $((SECONDS - start)) s"
+done
