@@ -360,13 +360,34 @@ DotTable dot_table(Kind kind) {
   }
 }
 
-// a . b over n floats (attention's q . k).
+// One head's attention for one new token over cache positions 0..n-1: out = softmax(q K^T * scale) V,
+// p (n floats) for the weights. One function, cloned per ISA, so all three loops vectorize with
+// the CPU's widest vectors (a call per position to a separately cloned dot cost as much as the dot).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
+void attend_head(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale, float* p,
+                 float* out) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; j++) {
+    const float* k = K + j * D;
+    float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-  return s;
+    for (int64_t d = 0; d < D; d++) s += q[d] * k[d];
+    p[j] = s * scale;
+    m = std::max(m, p[j]);
+  }
+  float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t j = 0; j < n; j++) l += (p[j] = exp_approx(p[j] - m));
+  for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+  for (int64_t j = 0; j < n; j++) {
+    const float pj = p[j];
+    const float* v = V + j * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+  }
+  const float inv = 1.0f / l;
+#pragma omp simd
+  for (int64_t d = 0; d < D; d++) out[d] *= inv;
 }
 
 // tanh-GELU in place; tanh(u) = 1 - 2 / (exp(2u) + 1), u clamped to +-10 (tanh = +-1 in float).
@@ -450,21 +471,7 @@ void attend(const float* qkv, int64_t B, int64_t H, int64_t D, float* cache_k, f
       K[pos * D + d] = q[C + d];
       V[pos * D + d] = q[2 * C + d];
     }
-    float m = -INFINITY;
-    for (int64_t j = 0; j <= pos; j++) {
-      p[j] = dot(q, K + j * D, D) * scale;
-      m = std::max(m, p[j]);
-    }
-    float l = 0.0f;
-    for (int64_t j = 0; j <= pos; j++) l += (p[j] = exp_approx(p[j] - m));
-    float* out = y + b * C + h * D;
-    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-    for (int64_t j = 0; j <= pos; j++) {
-      const float pj = p[j] / l;
-      const float* v = V + j * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
-    }
+    attend_head(q, K, V, pos + 1, D, scale, p.data(), y + b * C + h * D);
   }
 }
 
