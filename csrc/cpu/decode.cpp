@@ -267,7 +267,7 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
     for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
-// quantize_rows_generic's rule, 32 values at a time: one thread runs it while the others wait.
+// quantize_rows_generic's rule, 32 values at a time (rows shared by the threads; at batch 1 the others wait).
 GPT_AVX512 inline __m128i quantize16(__m512 v, __m512 inverse) {
   const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_set1_ps(127.0f),
@@ -421,14 +421,15 @@ enum class Epilogue { kStore, kGelu, kAddToOut };
 // kAddToOut adds it to what out holds (the residual). Called by every thread of a parallel
 // region: chunks of 64 rows of W are handed out dynamically (a thread slowed by a neighbour does
 // not hold the other up); each row of W is read from memory once for all B rows of x (groups of
-// 4 rows stay in L1 while up to 4 rows of x at a time pass over them). For an int8 matrix one
-// thread first quantizes x into `quantized` (the single's barrier then publishes it to all).
+// 4 rows stay in L1 while up to 4 rows of x at a time pass over them). For an int8 matrix the
+// threads first quantize x's rows into `quantized` (the loop's barrier then publishes them).
 template <Epilogue E>
 void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, QuantizedRows& quantized, float* out) {
   const int64_t N = m.N, K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK, chunks = (N + 63) / 64;
   if (m.kind == Kind::I8) {
-#pragma omp single
-    quantize_rows(x, B, K, quantized.q.data(), quantized.d.data());
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++)
+      quantize_rows(x + b * K, 1, K, quantized.q.data() + b * K, quantized.d.data() + b * nblk);
   }
 #pragma omp for schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks; c++) {
