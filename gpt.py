@@ -2376,7 +2376,7 @@ def train(cfg, given=None):
             lr = get_lr(state.step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers: no fresh page faults
+            optimizer.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass, no += into them
             loss_sum = torch.zeros((), device=device)  # summed on the device: no host read per micro-step
             for micro in range(cfg.grad_accum):
                 x, y = next(batches)
@@ -2403,7 +2403,6 @@ def train(cfg, given=None):
                            elapsed=time.time() - t0, new_tokens=state.tokens_seen - tokens_t0)
             else:
                 log(f"step {state.step}: non-finite loss or gradient, batch skipped")
-                optimizer.zero_grad(set_to_none=True)
             # the book evaluates after its first step and then every eval_interval: steps 1, 1 + interval, ...
             if took_step and ((state.step - 1) % cfg.eval_interval == 0 or state.step == total_steps):
                 unread.read(metrics, bar)  # a checkpoint never holds an unchecked step
