@@ -99,7 +99,7 @@ Matrix matrix(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bi
 // is loaded once and used for all NB rows of x.
 //
 // An int8 weight multiplies x quantized the same way (per block of 32 along the row: d = max |x|
-// / 127, q = round(x / d); quantize_rows, once per product): a block's product is then an exact
+// / 127, q = round(x / d); quantize_row, once per product): a block's product is then an exact
 // integer sum, times both scales, the blocks summed in float32 -- what llama.cpp computes for
 // Q8_0. Dequantizing the weights to float32 in registers instead costs ~9 instructions per 32
 // weights, too many to keep up with memory; an integer sum is one VNNI instruction per 64.
@@ -118,19 +118,18 @@ struct QuantizedRows {
   QuantizedRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)) {}
 };
 
-void quantize_rows_generic(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
-  const int64_t nblk = (K + QBLOCK - 1) / QBLOCK;
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t j = 0; j < nblk; j++) {
-      const float* xb = x + b * K + j * QBLOCK;
-      const int64_t n = std::min(QBLOCK, K - j * QBLOCK);
-      float amax = 0.0f;
-      for (int64_t i = 0; i < n; i++) amax = std::max(amax, std::fabs(xb[i]));
-      const float dj = amax / 127.0f, inverse = dj > 0.0f ? 1.0f / dj : 0.0f;
-      d[b * nblk + j] = dj;
-      for (int64_t i = 0; i < n; i++)  // round half to even, as torch.round
-        q[b * K + j * QBLOCK + i] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[i] * inverse))));
-    }
+// One row x (K) -> q (K), d (one per block of 32).
+void quantize_row_generic(const float* x, int64_t K, int8_t* q, float* d) {
+  for (int64_t j = 0; j * QBLOCK < K; j++) {
+    const float* xb = x + j * QBLOCK;
+    const int64_t n = std::min(QBLOCK, K - j * QBLOCK);
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++) amax = std::max(amax, std::fabs(xb[i]));
+    const float dj = amax / 127.0f, inverse = dj > 0.0f ? 1.0f / dj : 0.0f;
+    d[j] = dj;
+    for (int64_t i = 0; i < n; i++)  // round half to even, as torch.round
+      q[j * QBLOCK + i] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(xb[i] * inverse))));
+  }
 }
 
 float to_float(float v) { return v; }
@@ -267,26 +266,24 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
     for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
-// quantize_rows_generic's rule, 32 values at a time (rows shared by the threads; at batch 1 the others wait).
+// quantize_row_generic's rule, 32 values at a time.
 GPT_AVX512 inline __m128i quantize16(__m512 v, __m512 inverse) {
   const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_set1_ps(127.0f),
                                                                _mm512_max_ps(_mm512_set1_ps(-127.0f), r))));
 }
 
-GPT_AVX512 void quantize_rows_avx512(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
-  const int64_t nblk = (K + QBLOCK - 1) / QBLOCK;
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t j = 0; j < nblk; j++) {
-      const int64_t i = j * QBLOCK;
-      const __mmask16 k0 = first_lanes(K - i), k1 = first_lanes(K - i - 16);
-      const __m512 x0 = _mm512_maskz_loadu_ps(k0, x + b * K + i), x1 = _mm512_maskz_loadu_ps(k1, x + b * K + i + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-      const float dj = amax / 127.0f, inverse = dj > 0.0f ? 1.0f / dj : 0.0f;
-      d[b * nblk + j] = dj;
-      _mm_mask_storeu_epi8(q + b * K + i, k0, quantize16(x0, _mm512_set1_ps(inverse)));
-      _mm_mask_storeu_epi8(q + b * K + i + 16, k1, quantize16(x1, _mm512_set1_ps(inverse)));
-    }
+GPT_AVX512 void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* d) {
+  for (int64_t j = 0; j * QBLOCK < K; j++) {
+    const int64_t i = j * QBLOCK;
+    const __mmask16 k0 = first_lanes(K - i), k1 = first_lanes(K - i - 16);
+    const __m512 x0 = _mm512_maskz_loadu_ps(k0, x + i), x1 = _mm512_maskz_loadu_ps(k1, x + i + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    const float dj = amax / 127.0f, inverse = dj > 0.0f ? 1.0f / dj : 0.0f;
+    d[j] = dj;
+    _mm_mask_storeu_epi8(q + i, k0, quantize16(x0, _mm512_set1_ps(inverse)));
+    _mm_mask_storeu_epi8(q + i + 16, k1, quantize16(x1, _mm512_set1_ps(inverse)));
+  }
 }
 
 bool isa_forced_generic() {
@@ -315,11 +312,11 @@ bool use_avx512() { return false; }
 bool use_vnni() { return false; }
 #endif
 
-void quantize_rows(const float* x, int64_t B, int64_t K, int8_t* q, float* d) {
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
 #if GPT_X86
-  if (use_avx512()) return quantize_rows_avx512(x, B, K, q, d);
+  if (use_avx512()) return quantize_row_avx512(x, K, q, d);
 #endif
-  quantize_rows_generic(x, B, K, q, d);
+  quantize_row_generic(x, K, q, d);
 }
 
 using DotRows = void (*)(const Matrix&, int64_t, const Rows&, float*);
@@ -429,7 +426,7 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, Qu
   if (m.kind == Kind::I8) {
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++)
-      quantize_rows(x + b * K, 1, K, quantized.q.data() + b * K, quantized.d.data() + b * nblk);
+      quantize_row(x + b * K, K, quantized.q.data() + b * K, quantized.d.data() + b * nblk);
   }
 #pragma omp for schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks; c++) {
@@ -587,31 +584,32 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& w) {
   return {q, scale};
 }
 
-// Rows r0..r1 of q * scale as bfloat16, one rounding (to nearest even, as c10::BFloat16(float)).
-void dequantize_rows_generic(const Matrix& m, int64_t r0, int64_t r1, at::BFloat16* out) {
+// Rows r0..r1 of q * scale as bfloat16, one rounding (float_to_bf16: to nearest even).
+void dequantize_rows_generic(const Matrix& m, int64_t r0, int64_t r1, uint16_t* out) {
   const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
   const int8_t* q = static_cast<const int8_t*>(m.w);
   for (int64_t r = r0; r < r1; r++)
     for (int64_t j = 0; j < K; j += QBLOCK) {
       const float d = static_cast<float>(m.scale[r * nblk + j / QBLOCK]);
       for (int64_t i = j; i < std::min(j + QBLOCK, K); i++)
-        out[r * K + i] = static_cast<at::BFloat16>(static_cast<float>(q[r * K + i]) * d);
+        out[r * K + i] = float_to_bf16(static_cast<float>(q[r * K + i]) * d);
     }
 }
 
 #if GPT_X86
-// 16 floats -> 16 bfloat16 by c10's rule: round to nearest even on the bits, NaN -> 0x7FC0.
+// float_to_bf16 (common.h) for 16 floats: round to nearest even on the bits, a NaN made quiet.
 GPT_AVX512 inline __m256i to_bf16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
   return _mm512_cvtepi32_epi16(r);
 }
 
-// dequantize_rows_generic, 16 weights at a time (the scalar loop ran at ~6 GB/s: 1 s of a gpt2-xl
-// int8 prompt went to it).
-GPT_AVX512 void dequantize_rows_avx512(const Matrix& m, int64_t r0, int64_t r1, at::BFloat16* out) {
+// dequantize_rows_generic, 16 weights at a time: the scalar loop ran at ~6 GB/s (1 s of a gpt2-xl
+// int8 prompt went to it), and an `omp simd` loop per 32-weight block measured ~1.5x slower than this.
+GPT_AVX512 void dequantize_rows_avx512(const Matrix& m, int64_t r0, int64_t r1, uint16_t* out) {
   const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
   const int8_t* q = static_cast<const int8_t*>(m.w);
   for (int64_t r = r0; r < r1; r++)
@@ -632,7 +630,7 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
   const Matrix m = matrix(q, scale, at::Tensor(), "dequantize_int8");
   TORCH_CHECK(m.kind == Kind::I8, "dequantize_int8: q must be int8");
   at::Tensor out = at::empty({m.N, m.K}, q.options().dtype(at::kBFloat16));
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   parallel_rows(m.N, 64, [&](int64_t r0, int64_t r1) {
 #if GPT_X86
     if (use_avx512()) return dequantize_rows_avx512(m, r0, r1, op);
