@@ -91,7 +91,7 @@ def test_train_step_gpt(benchmark, ext, backend):
     with gpt.backend(backend):
         torch.manual_seed(0)
         model = gpt.GPT(gpt.GPTConfig(**gpt.MODEL_PRESETS["book"]))
-        # as gpt.train runs a step: its AdamW (fused; no decay on biases and norms), gradient buffers kept
+        # as gpt.train runs a step: its AdamW (fused; no decay on biases and norms), gradients set to None
         optimizer = model.configure_optimizer(4e-4, 0.1, (0.9, 0.999), "cpu")
         train_step_case(benchmark, model, gpt_loss, optimizer)
 

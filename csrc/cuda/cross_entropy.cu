@@ -125,15 +125,14 @@ at::Tensor launch(at::Tensor& logits, const at::Tensor& targets, double grad_sca
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   if (N == 0) return loss;
   const at::Tensor t = targets.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* x) {  // x: the logits as float* or at::BFloat16*
+    cross_entropy_kernel<<<static_cast<unsigned>(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x, t.data_ptr<int64_t>(), loss.data_ptr<float>(), V, static_cast<float>(grad_scale), write_grad);
+  };
   if (logits.scalar_type() == at::kFloat)
-    cross_entropy_kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-        logits.data_ptr<float>(), t.data_ptr<int64_t>(), loss.data_ptr<float>(), V, static_cast<float>(grad_scale),
-        write_grad);
+    run(logits.data_ptr<float>());
   else
-    cross_entropy_kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-        logits.data_ptr<at::BFloat16>(), t.data_ptr<int64_t>(), loss.data_ptr<float>(), V,
-        static_cast<float>(grad_scale), write_grad);
+    run(logits.data_ptr<at::BFloat16>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
 }
