@@ -1377,7 +1377,8 @@ def _sample_case(g, device, B, V, settings=((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 
 
 def _decode_case(g, device, C, H, B=1, L=256, pos=200, int8=False):
     """One block's decode step (output and written cache) at position pos of an L-slot cache; with
-    int8, the same again with the block's weights stored int8 (decode_block's quantized path)."""
+    int8, the same again with the block's weights stored int8 and a bfloat16 cache (decode_block's
+    quantized path)."""
     with torch.device("meta"):  # no time spent on an init that is overwritten
         block = Block(GPTConfig(n_layer=1, n_head=H, n_embd=C, block_size=L, qkv_bias=True)).eval()
     block.to_empty(device=device)
@@ -1390,9 +1391,11 @@ def _decode_case(g, device, C, H, B=1, L=256, pos=200, int8=False):
     def run():  # (quantizing inside: the int8 conversion is a kernel under check too)
         out = []
         for b in [block] + ([quantize_linears(copy.deepcopy(block), "int8")] if int8 else []):
-            kv = [c.clone() for c in cache]
+            int8_block = b is not block  # with a bfloat16 cache, as generation gives it
+            kv = [c.bfloat16() if int8_block else c.clone() for c in cache]
             with torch.inference_mode():
-                out += [b(x, kv, pos), *kv]
+                # (a bfloat16 cache's new k, v may round a bit apart: the output they feed is compared)
+                out += [b(x, kv, pos)] + ([] if int8_block else kv)
         return out
     return run
 
@@ -1609,8 +1612,8 @@ class CausalSelfAttention(nn.Module):
             cache_v[:, :, pos: pos + T] = v
             if pos > 0:  # a token after the prompt sees every cached position (several: causally)
                 mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-                y = F.scaled_dot_product_attention(q, cache_k[:, :, : pos + T], cache_v[:, :, : pos + T],
-                                                   attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, cache_k[:, :, : pos + T].to(q.dtype),
+                                                   cache_v[:, :, : pos + T].to(q.dtype), attn_mask=mask)
                 return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         dropout_p = self.dropout if self.training else 0.0
         # the dropout mask is a hash of this seed, drawn from torch's RNG so runs and resumes replay
@@ -1709,11 +1712,14 @@ class GPT(nn.Module):
         self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
 
     def new_kv_cache(self, batch_size):
-        """Per layer, keys and values (B, n_head, block_size, head_dim), allocated once."""
+        """Per layer, keys and values (B, n_head, block_size, head_dim), allocated once: bfloat16 for
+        weights stored bfloat16 or int8 (quantize; half the bytes a batch's decode step reads), else
+        the parameters' dtype."""
         c = self.config
         p = self.ln_f.weight  # float32 (the matrices may be stored quantized)
+        dtype = torch.bfloat16 if isinstance(self.lm_head, QuantizedLinear) else p.dtype
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        return [(p.new_empty(shape), p.new_empty(shape)) for _ in range(c.n_layer)]
+        return [(p.new_empty(shape, dtype=dtype), p.new_empty(shape, dtype=dtype)) for _ in range(c.n_layer)]
 
     def configure_optimizer(self, lr, weight_decay, betas, device_type):
         """AdamW with weight decay on matrices (and embeddings) only, not on biases or LayerNorms."""

@@ -7,8 +7,9 @@ int8 block), batch > 1 (and > 4, the kernel's batch group), the first and the la
 Weights stored bfloat16 are compared with the torch path of the same block holding the
 dequantized float32 weights, int8 weights with the torch path of the stored block (which
 quantizes the activations per block of 32 as the kernel does): both sides then compute the same
-function, so the tolerance is float32's (1e-5), not the quantization error's. Every test runs on
-the AVX-512 path and on the generic one (GPT_CPU_ISA=generic)."""
+function, so the tolerance is float32's (1e-5), not the quantization error's; with a bfloat16
+KV cache (what bf16 and int8 weights decode with) both sides read the same rounded cache. Every
+test runs on the AVX-512 path and on the generic one (GPT_CPU_ISA=generic)."""
 import copy
 
 import pytest
@@ -53,14 +54,14 @@ def stored_and_reference(block, dtype):
     return stored, reference
 
 
-def filled_cache(cfg, B, seed=1):
+def filled_cache(cfg, B, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     shape = (B, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
 
 
-def run_block(block, cfg, x, pos, backend):
-    cache = tuple(c.clone() for c in filled_cache(cfg, x.size(0)))
+def run_block(block, cfg, x, pos, backend, cache_dtype=torch.float32):
+    cache = filled_cache(cfg, x.size(0), dtype=cache_dtype)
     with gpt.backend(backend), torch.inference_mode():
         return (block(x, cache, pos), *cache)
 
@@ -73,16 +74,22 @@ def run_block(block, cfg, x, pos, backend):
     (12, 768, 1, 100, True),  # GPT-2 124M's block
     (5, 85, 6, 18, False),   # odd everything: head size 17, 4C = 340, K = 85 (a 21-wide int8 block); B = 4 + 2
 ])
-def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv_bias):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv_bias, cache_dtype):
     cfg, block = random_block(n_head, n_embd, 32 if n_embd < 768 else 128, qkv_bias)
     stored, reference = stored_and_reference(block, dtype)
     x = torch.randn(B, 1, n_embd)
-    ref, ref_k, ref_v = run_block(reference, cfg, x, pos, "torch")
-    got, got_k, got_v = run_block(stored, cfg, x, pos, "ext")
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_k, ref_k, rtol=0, atol=1e-5)  # this token's k, v written at pos
-    torch.testing.assert_close(got_v, ref_v, rtol=0, atol=1e-5)
-    assert not torch.equal(got_k[:, :, pos], filled_cache(cfg, B)[0][:, :, pos])
+    ref, ref_k, ref_v = run_block(reference, cfg, x, pos, "torch", cache_dtype)
+    got, got_k, got_v = run_block(stored, cfg, x, pos, "ext", cache_dtype)
+    # A bfloat16 cache: this token's k, v (equal to ~1e-6 on both sides) may round to neighbouring
+    # bfloat16 values (one unit in the last place), which moves the output ~1e-5.
+    tol = 1e-5 if cache_dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    ulp = 0 if cache_dtype == torch.float32 else 2**-7  # one unit in the last place, relative to either value
+    assert got_k.dtype == got_v.dtype == cache_dtype
+    torch.testing.assert_close(got_k, ref_k, rtol=ulp, atol=1e-5)  # this token's k, v written at pos
+    torch.testing.assert_close(got_v, ref_v, rtol=ulp, atol=1e-5)
+    assert not torch.equal(got_k[:, :, pos], filled_cache(cfg, B, dtype=cache_dtype)[0][:, :, pos])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
@@ -164,7 +171,7 @@ def test_opcheck(ext, dtype):
     cfg, block = random_block(3, 60, 32, True)
     stored, _ = stored_and_reference(block, dtype)
     weights = [w.detach() for w in gpt.decode_weights(stored)]
-    cache_k, cache_v = filled_cache(cfg, 2)
+    cache_k, cache_v = filled_cache(cfg, 2, dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
     torch.library.opcheck(torch.ops.gpt.decode_block.default, (torch.randn(2, 60), weights, cache_k, cache_v, 9),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -181,3 +188,17 @@ def test_bad_weights_are_refused(ext):
         torch.ops.gpt.decode_block(x, no_scale, *cache, 3)
     with pytest.raises(RuntimeError, match="expected 16 weight tensors"):
         torch.ops.gpt.decode_block(x, weights[:12], *cache, 3)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        torch.ops.gpt.decode_block(x, weights, cache[0], cache[1].bfloat16(), 3)
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                               ("int8", torch.bfloat16)])
+def test_the_kv_cache_is_bfloat16_for_bfloat16_and_int8_weights(ext, dtype, cache_dtype):
+    torch.manual_seed(0)
+    model = gpt.quantize(gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval(), dtype)
+    assert all(k.dtype == v.dtype == cache_dtype for k, v in model.new_kv_cache(2))
+    prompt = torch.randint(50257, (2, 5))
+    tokens = gpt.generate(model, prompt, 8)
+    with gpt.backend("torch"):  # the torch path reads the same cache
+        assert torch.equal(gpt.generate(model, prompt, 8), tokens)

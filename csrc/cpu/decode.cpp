@@ -1,7 +1,7 @@
 // One GPT-2 block for one new token per row, with a KV cache: the decode step of generation.
 // x (B, C) float32 is the residual stream at position pos; weights are the block's tensors in
-// the order of enum Weight below (gpt.py's decode_weights); cache_k/v (B, H, L, D) float32 hold
-// positions < pos.
+// the order of enum Weight below (gpt.py's decode_weights); cache_k/v (B, H, L, D), float32 or
+// bfloat16, hold positions < pos.
 //   h = LN1(x); q, k, v = h Wqkv^T + bqkv; cache[pos] = k, v
 //   y = softmax(q K[0..pos]^T / sqrt(D)) V[0..pos]        per head
 //   x = x + y Wproj^T + bproj
@@ -357,18 +357,26 @@ DotTable dot_table(Kind kind) {
   }
 }
 
+// The KV cache holds float32, or bfloat16 (uint16_t bits) for bf16/int8 weights: half the bytes
+// a batch's attention reads per step.
+inline float cache_load(float v) { return v; }
+inline float cache_load(uint16_t v) { return bf16_to_float(v); }
+inline void cache_store(float v, float* p) { *p = v; }
+inline void cache_store(float v, uint16_t* p) { *p = float_to_bf16(v); }
+
 // One head's attention for one new token over cache positions 0..n-1: out = softmax(q K^T * scale) V,
-// p (n floats) for the weights. One function, cloned per ISA, so all three loops vectorize with
-// the CPU's widest vectors (a call per position to a separately cloned dot cost as much as the dot).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void attend_head(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale, float* p,
-                 float* out) {
+// p (n floats) for the weights. Inlined into one function per cache type, cloned per ISA, so all
+// three loops vectorize with the CPU's widest vectors (a call per position to a separately cloned
+// dot cost as much as the dot).
+template <class T>
+__attribute__((always_inline)) inline void attend_head_body(const float* q, const T* K, const T* V, int64_t n,
+                                                            int64_t D, float scale, float* p, float* out) {
   float m = -INFINITY;
   for (int64_t j = 0; j < n; j++) {
-    const float* k = K + j * D;
+    const T* k = K + j * D;
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; d++) s += q[d] * k[d];
+    for (int64_t d = 0; d < D; d++) s += q[d] * cache_load(k[d]);
     p[j] = s * scale;
     m = std::max(m, p[j]);
   }
@@ -378,13 +386,25 @@ void attend_head(const float* q, const float* K, const float* V, int64_t n, int6
   for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
   for (int64_t j = 0; j < n; j++) {
     const float pj = p[j];
-    const float* v = V + j * D;
+    const T* v = V + j * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+    for (int64_t d = 0; d < D; d++) out[d] += pj * cache_load(v[d]);
   }
   const float inv = 1.0f / l;
 #pragma omp simd
   for (int64_t d = 0; d < D; d++) out[d] *= inv;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void attend_head(const float* q, const float* K, const float* V, int64_t n, int64_t D, float scale, float* p,
+                 float* out) {
+  attend_head_body(q, K, V, n, D, scale, p, out);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void attend_head(const float* q, const uint16_t* K, const uint16_t* V, int64_t n, int64_t D, float scale, float* p,
+                 float* out) {
+  attend_head_body(q, K, V, n, D, scale, p, out);
 }
 
 // tanh-GELU in place; tanh(u) = 1 - 2 / (exp(2u) + 1), u clamped to +-10 (tanh = +-1 in float).
@@ -454,8 +474,9 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, Qu
 
 // y[b, h*D:(h+1)*D] = softmax(q k^T / sqrt(D)) v over cache positions 0..pos, after writing this
 // token's k, v (from qkv) at pos. One (row, head) per iteration, shared by the region's threads.
-void attend(const float* qkv, int64_t B, int64_t H, int64_t D, float* cache_k, float* cache_v, int64_t L,
-            int64_t pos, float* y) {
+template <class T>
+void attend(const float* qkv, int64_t B, int64_t H, int64_t D, T* cache_k, T* cache_v, int64_t L, int64_t pos,
+            float* y) {
   const int64_t C = H * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<float> p(pos + 1);
@@ -463,11 +484,11 @@ void attend(const float* qkv, int64_t B, int64_t H, int64_t D, float* cache_k, f
   for (int64_t task = 0; task < B * H; task++) {
     const int64_t b = task / H, h = task % H;
     const float* q = qkv + b * 3 * C + h * D;
-    float* K = cache_k + (b * H + h) * L * D;
-    float* V = cache_v + (b * H + h) * L * D;
+    T* K = cache_k + (b * H + h) * L * D;
+    T* V = cache_v + (b * H + h) * L * D;
     for (int64_t d = 0; d < D; d++) {
-      K[pos * D + d] = q[C + d];
-      V[pos * D + d] = q[2 * C + d];
+      cache_store(q[C + d], K + pos * D + d);
+      cache_store(q[2 * C + d], V + pos * D + d);
     }
     attend_head(q, K, V, pos + 1, D, scale, p.data(), y + b * C + h * D);
   }
@@ -479,9 +500,9 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList w, at::Tensor& c
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "decode_block: x must be a contiguous (B, C) float32 tensor");
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.is_contiguous() && cache_v.is_contiguous() &&
-                  cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kFloat &&
-                  cache_v.scalar_type() == at::kFloat,
-              "decode_block: cache_k, cache_v must be contiguous (B, H, L, D) float32 tensors");
+                  cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == cache_v.scalar_type() &&
+                  (cache_k.scalar_type() == at::kFloat || cache_k.scalar_type() == at::kBFloat16),
+              "decode_block: cache_k, cache_v must be contiguous (B, H, L, D) tensors, both float32 or both bfloat16");
   for (const Weight i : {LN1_W, LN1_B, LN2_W, LN2_B})
     TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous(), "decode_block: LayerNorms must be float32");
   const int64_t B = x.size(0), C = x.size(1), H = cache_k.size(1), L = cache_k.size(2), D = cache_k.size(3);
@@ -513,7 +534,11 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList w, at::Tensor& c
 #pragma omp single
     layer_norm(o, B, C, f32(LN1_W), f32(LN1_B), hp);
     linear<Epilogue::kStore>(hp, B, qkv_m, dq, quantized, qp);
-    attend(qp, B, H, D, cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), L, pos, yp);
+    if (cache_k.scalar_type() == at::kFloat)
+      attend(qp, B, H, D, cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), L, pos, yp);
+    else
+      attend(qp, B, H, D, reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>()),
+             reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>()), L, pos, yp);
     linear<Epilogue::kAddToOut>(yp, B, proj_m, dp, quantized, o);
 #pragma omp single
     layer_norm(o, B, C, f32(LN2_W), f32(LN2_B), hp);
