@@ -173,6 +173,10 @@ void dot_rows_generic_int8(const Matrix& m, int64_t n, const Rows& x, float* s) 
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define GPT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 #define GPT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+// On the kernels' loops over their R rows of W and NB rows of x: unrolled before GCC decides where
+// the accumulators acc[R][NB] live, they stay in registers; otherwise every step also stores them
+// all to the stack.
+#define GPT_UNROLL _Pragma("GCC unroll 4")
 
 // 16 weights from p (lanes outside mask k read as 0), as float32.
 GPT_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
@@ -200,23 +204,23 @@ GPT_AVX512 void dot_rows_avx512(const Matrix& m, int64_t n, const Rows& rows, fl
   const T* w = static_cast<const T*>(m.w) + n * K;
   const float* x = rows.x;
   __m512 acc[R][NB];
-  for (int r = 0; r < R; r++)
-    for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+  GPT_UNROLL for (int r = 0; r < R; r++)
+    GPT_UNROLL for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
   for (int64_t i = 0; i < K; i += QBLOCK) {
     const __mmask16 k0 = first_lanes(K - i), k1 = first_lanes(K - i - 16);
     __m512 x0[NB], x1[NB];
-    for (int b = 0; b < NB; b++) {
+    GPT_UNROLL for (int b = 0; b < NB; b++) {
       x0[b] = _mm512_maskz_loadu_ps(k0, x + b * K + i);
       x1[b] = _mm512_maskz_loadu_ps(k1, x + b * K + i + 16);
     }
-    for (int r = 0; r < R; r++) {
+    GPT_UNROLL for (int r = 0; r < R; r++) {
       if constexpr (!std::is_same<T, float>::value) prefetch_ahead(w + r * K + i, R * K);  // (float32 streams faster without)
       const __m512 w0 = load16(w + r * K + i, k0), w1 = load16(w + r * K + i + 16, k1);
-      for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(w1, x1[b], _mm512_fmadd_ps(w0, x0[b], acc[r][b]));
+      GPT_UNROLL for (int b = 0; b < NB; b++) acc[r][b] = _mm512_fmadd_ps(w1, x1[b], _mm512_fmadd_ps(w0, x0[b], acc[r][b]));
     }
   }
-  for (int r = 0; r < R; r++)
-    for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
+  GPT_UNROLL for (int r = 0; r < R; r++)
+    GPT_UNROLL for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
 // int8 with AVX512-VNNI: 64 weights (two blocks) per step. vpdpbusd multiplies unsigned by signed
@@ -229,16 +233,16 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
   const int8_t* w = static_cast<const int8_t*>(m.w) + n * K;
   const __m512i zero = _mm512_setzero_si512();
   __m512 acc[R][NB];
-  for (int r = 0; r < R; r++)
-    for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+  GPT_UNROLL for (int r = 0; r < R; r++)
+    GPT_UNROLL for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
   alignas(64) float scales[R][NB][16];
   for (int64_t i = 0; i < K; i += 2 * QBLOCK) {
     const int64_t j = i / QBLOCK;  // the first of the step's two blocks
     if (j % 16 == 0) {  // dw * dx of the next 16 blocks
       const __mmask16 kb = first_lanes(nblk - j);
-      for (int r = 0; r < R; r++) {
+      GPT_UNROLL for (int r = 0; r < R; r++) {
         const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kb, m.scale + (n + r) * nblk + j));
-        for (int b = 0; b < NB; b++)
+        GPT_UNROLL for (int b = 0; b < NB; b++)
           _mm512_store_ps(scales[r][b], _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(kb, x.d + b * nblk + j)));
       }
     }
@@ -247,23 +251,23 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
     const __mmask64 k = K - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - i)) - 1;
     __m512i xabs[NB];
     __mmask64 xneg[NB];
-    for (int b = 0; b < NB; b++) {
+    GPT_UNROLL for (int b = 0; b < NB; b++) {
       const __m512i xq = _mm512_maskz_loadu_epi8(k, x.q + b * K + i);
       xabs[b] = _mm512_abs_epi8(xq);
       xneg[b] = _mm512_movepi8_mask(xq);
     }
-    for (int r = 0; r < R; r++) {
+    GPT_UNROLL for (int r = 0; r < R; r++) {
       prefetch_ahead(w + r * K + i, R * K);
       const __m512i wq = _mm512_maskz_loadu_epi8(k, w + r * K + i);
-      for (int b = 0; b < NB; b++) {
+      GPT_UNROLL for (int b = 0; b < NB; b++) {
         const __m512i sums = _mm512_dpbusd_epi32(zero, xabs[b], _mm512_mask_sub_epi8(wq, xneg[b], zero, wq));
         const __m512 scale = _mm512_permutexvar_ps(pair, _mm512_load_ps(scales[r][b]));
         acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][b]);
       }
     }
   }
-  for (int r = 0; r < R; r++)
-    for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
+  GPT_UNROLL for (int r = 0; r < R; r++)
+    GPT_UNROLL for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
 // quantize_row_generic's rule, 32 values at a time.
