@@ -134,6 +134,7 @@ void quantize_row_generic(const float* x, int64_t K, int8_t* q, float* d) {
 
 float to_float(float v) { return v; }
 float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+float to_float(uint16_t bf16_bits) { return bf16_to_float(bf16_bits); }  // (the bf16 KV cache)
 
 template <class T, int R, int NB>
 void dot_rows_generic(const Matrix& m, int64_t n, const Rows& x, float* s) {
@@ -362,9 +363,7 @@ DotTable dot_table(Kind kind) {
 }
 
 // The KV cache holds float32, or bfloat16 (uint16_t bits) for bf16/int8 weights: half the bytes
-// a batch's attention reads per step.
-inline float cache_load(float v) { return v; }
-inline float cache_load(uint16_t v) { return bf16_to_float(v); }
+// a batch's attention reads per step. Read with to_float, written with cache_store.
 inline void cache_store(float v, float* p) { *p = v; }
 inline void cache_store(float v, uint16_t* p) { *p = float_to_bf16(v); }
 
@@ -380,7 +379,7 @@ __attribute__((always_inline)) inline void attend_head_body(const float* q, cons
     const T* k = K + j * D;
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; d++) s += q[d] * cache_load(k[d]);
+    for (int64_t d = 0; d < D; d++) s += q[d] * to_float(k[d]);
     p[j] = s * scale;
     m = std::max(m, p[j]);
   }
@@ -392,7 +391,7 @@ __attribute__((always_inline)) inline void attend_head_body(const float* q, cons
     const float pj = p[j];
     const T* v = V + j * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; d++) out[d] += pj * cache_load(v[d]);
+    for (int64_t d = 0; d < D; d++) out[d] += pj * to_float(v[d]);
   }
   const float inv = 1.0f / l;
 #pragma omp simd
