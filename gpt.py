@@ -704,7 +704,7 @@ KERNELS = {
     "attention": (("attention_forward", "attention_backward"), ("cpu", "cuda")),
     "cross_entropy": (("cross_entropy_loss", "cross_entropy_loss_grad_"), ("cpu", "cuda")),
     "sample": (("sample",), ("cpu", "cuda")),
-    "decode": (("decode_block", "quantized_linear", "quantize_int8", "dequantize_int8"), ("cpu",)),
+    "decode": (("decode_blocks", "quantized_linear", "quantize_int8", "dequantize_int8"), ("cpu",)),
     "dropout_add": (("dropout_add", "dropout_backward"), ("cpu",)),
 }
 _ext_status = None  # None: not loaded yet; "": loaded; else why it cannot load
@@ -725,7 +725,7 @@ def load_extension():
             _register_dropout_add()
             _register_cross_entropy()
             _register_sample()
-            _register_decode_block()
+            _register_decode()
     return _ext_status or None
 
 
@@ -1092,14 +1092,14 @@ def _sample(logits, uniform, temperature, top_k, top_p):
 # --- decode step ---------------------------------------------------------------
 # Generating one token at batch 1 reads every weight once: the matrix-vector products take the
 # time the memory needs, and the ~20 small ops around them per block (dispatch, allocation, cold
-# caches) add ~15%. gpt::decode_block runs a whole block for one new token in one call, reading
+# caches) add ~15%. gpt::decode_blocks runs all the blocks for one new token in one call, reading
 # each matrix once for all rows of a batch and as stored (float32, bfloat16 or int8, see
 # quantize); its reference is Block.forward's own path (the torch backend), which the tests
 # compare it with. gpt::quantized_linear is its matrix product alone, for the LM head.
 
-def _register_decode_block():
-    @torch.library.register_fake("gpt::decode_block")
-    def _(x, weights, cache_k, cache_v, pos):
+def _register_decode():
+    @torch.library.register_fake("gpt::decode_blocks")
+    def _(x, weights, caches, pos):
         return torch.empty_like(x)
 
     @torch.library.register_fake("gpt::quantized_linear")
@@ -1115,7 +1115,7 @@ def _register_decode_block():
         return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.size(0), -(-w.size(1) // QBLOCK), dtype=torch.half)
 
 
-# The GPTConfig fields whose every value gpt::decode_block implements. A field added for a new
+# The GPTConfig fields whose every value gpt::decode_blocks implements. A field added for a new
 # Block feature (rotary positions, another norm, ...) is not here, so a config that turns it on
 # runs Block.forward's torch path until the kernel learns it.
 DECODE_BLOCK_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "qkv_bias",
@@ -1123,20 +1123,21 @@ DECODE_BLOCK_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"
 
 
 def decode_block_supports(config):
-    """Whether gpt::decode_block computes config's Block: every field it does not know is at its default."""
+    """Whether gpt::decode_blocks computes config's Block: every field it does not know is at its default."""
     return all(getattr(config, f.name) == f.default for f in dataclasses.fields(config)
                if f.name not in DECODE_BLOCK_FIELDS)
 
 
-def _decode_block_ok(x, block):
-    """The fused decode step applies: ext backend, a Block the kernel implements, CPU float32
-    activations, inference (no dropout, no grad)."""
-    return (block.fused_decode and _ext_device_ok("decode", x) and x.dtype == torch.float32 and x.size(1) == 1
-            and not block.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+def _decode_ok(x, blocks):
+    """The fused decode step applies: ext backend, Blocks the kernel implements, CPU float32
+    activations, one new token, inference (no dropout, no grad)."""
+    return (_ext_device_ok("decode", x) and x.dtype == torch.float32 and x.size(1) == 1
+            and all(b.fused_decode and not b.training for b in blocks)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
 def decode_weights(block):
-    """The tensors gpt::decode_block reads, in its order (enum Weight in csrc/cpu/decode.cpp):
+    """A block's tensors gpt::decode_blocks reads, in its order (enum Weight in csrc/cpu/decode.cpp):
     ln_1 w, b; attn.c_attn, attn.c_proj as (stored weight, int8 scale or empty, bias or empty);
     ln_2 w, b; mlp.c_fc, mlp.c_proj likewise."""
     empty = block.ln_1.weight.new_empty(0)
@@ -1152,16 +1153,26 @@ def decode_weights(block):
             block.ln_2.weight, block.ln_2.bias, *matrix(m.c_fc), *matrix(m.c_proj)]
 
 
-def decode_block(block, x, kv_cache, pos):
-    """Block.forward(x, kv_cache, pos) for x (B, 1, C) as one gpt::decode_block call. The weights'
-    list is gathered once per KV cache and kept on it (a generation's weights do not change, and
+def run_blocks(blocks, x, kv_cache, pos):
+    """x (B, T, C) through the blocks in turn, block i with kv_cache[i] (None: no cache): one
+    gpt::decode_blocks call for one new token where the fused step applies, else Block.forward each."""
+    if kv_cache is not None and pos > 0 and _decode_ok(x, blocks):
+        return decode_blocks(blocks, x, kv_cache, pos)
+    for i, block in enumerate(blocks):
+        x = block(x, kv_cache[i] if kv_cache is not None else None, pos)
+    return x
+
+
+def decode_blocks(blocks, x, kv_cache, pos):
+    """run_blocks for x (B, 1, C) as one gpt::decode_blocks call. Its argument lists are gathered
+    once per KV cache and kept on its first tensor (a generation's weights do not change, and
     gathering them costs ~40 us a block: ~0.5 ms a token at 12 layers)."""
     B, _, C = x.shape
-    cache_k, cache_v = kv_cache
-    if getattr(cache_k, "decode_weights", None) is None:
-        cache_k.decode_weights = decode_weights(block)
-    return torch.ops.gpt.decode_block(x.reshape(B, C).contiguous(), cache_k.decode_weights, cache_k, cache_v,
-                                      pos).view(B, 1, C)
+    first = kv_cache[0][0]
+    if getattr(first, "decode_args", None) is None:
+        first.decode_args = [w for b in blocks for w in decode_weights(b)], [t for kv in kv_cache for t in kv]
+    weights, caches = first.decode_args
+    return torch.ops.gpt.decode_blocks(x.reshape(B, C).contiguous(), weights, caches, pos).view(B, 1, C)
 
 
 # --- weights in bfloat16 or int8 --------------------------------------------------
@@ -1207,7 +1218,7 @@ def quantize_int8_reference(w):
 def quantize_activations_reference(x):
     """x (M, K) float32 -> (q, d): the int8 products' view of x, quantized per block of 32 along a
     row as the weights are (d = max |x| / 127 of the block in float32, q = round(x / d)), so each
-    block's product is an exact integer sum. gpt::quantized_linear and gpt::decode_block do the same."""
+    block's product is an exact integer sum. gpt::quantized_linear and gpt::decode_blocks do the same."""
     M, K = x.shape
     blocks = F.pad(x.float(), (0, -K % QBLOCK)).view(M, -1, QBLOCK)
     d = blocks.abs().amax(dim=-1) / 127
@@ -1377,7 +1388,7 @@ def _sample_case(g, device, B, V, settings=((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 
 
 def _decode_case(g, device, C, H, B=1, L=256, pos=200, int8=False):
     """One block's decode step (output and written cache) at position pos of an L-slot cache; with
-    int8, the same again with the block's weights stored int8 and a bfloat16 cache (decode_block's
+    int8, the same again with the block's weights stored int8 and a bfloat16 cache (decode_blocks'
     quantized path)."""
     with torch.device("meta"):  # no time spent on an init that is overwritten
         block = Block(GPTConfig(n_layer=1, n_head=H, n_embd=C, block_size=L, qkv_bias=True)).eval()
@@ -1395,7 +1406,7 @@ def _decode_case(g, device, C, H, B=1, L=256, pos=200, int8=False):
             kv = [c.bfloat16() if int8_block else c.clone() for c in cache]
             with torch.inference_mode():
                 # (a bfloat16 cache's new k, v may round a bit apart: the output they feed is compared)
-                out += [b(x, kv, pos)] + ([] if int8_block else kv)
+                out += [run_blocks([b], x, [kv], pos)] + ([] if int8_block else kv)
         return out
     return run
 
@@ -1643,10 +1654,8 @@ class Block(nn.Module):
         self.fused_decode = decode_block_supports(config)
 
     def forward(self, x, kv_cache=None, pos=0):
-        # Its C++ twin is gpt::decode_block (csrc/cpu/decode.cpp), for one new token: a change
-        # here needs the same change there, or a GPTConfig field that sends decoding here.
-        if kv_cache is not None and pos > 0 and _decode_block_ok(x, self):  # one new token: one fused call
-            return decode_block(self, x, kv_cache, pos)
+        # Its C++ twin is gpt::decode_blocks (csrc/cpu/decode.cpp), for one new token (run_blocks):
+        # a change here needs the same change there, or a GPTConfig field that sends decoding here.
         dropout_p = self.dropout if self.training else 0.0
         x = dropout_add(x, self.attn(self.ln_1(x), kv_cache, pos), dropout_p)
         return dropout_add(x, self.mlp(self.ln_2(x)), dropout_p)
@@ -1688,9 +1697,7 @@ class GPT(nn.Module):
         if pos + T > self.config.block_size:
             raise GPTError(f"{pos + T} positions exceed the model's block_size {self.config.block_size}")
         positions = torch.arange(pos, pos + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
-        for i, block in enumerate(self.h):
-            x = block(x, kv_cache[i] if kv_cache is not None else None, pos)
+        x = run_blocks(self.h, self.drop(self.wte(idx) + self.wpe(positions)), kv_cache, pos)
         x = self.ln_f(x[:, -1:] if last_only else x)
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)

@@ -1,5 +1,5 @@
 // Schemas of the fused ops, one place for all of them. Each op has a CPU kernel in
-// csrc/cpu/<op>.cpp and (but decode_block) a CUDA kernel in csrc/cuda/<op>.cu registered
+// csrc/cpu/<op>.cpp and (but decode_blocks) a CUDA kernel in csrc/cuda/<op>.cu registered
 // under the same name; gpt.KERNELS lists each op with its devices (load, CI and tests read it).
 // gpt.py holds the pure-torch reference of each, with its fake (shape) function and autograd
 // formula beside it.
@@ -40,15 +40,16 @@ TORCH_LIBRARY(gpt, m) {
   // One next token per row of logits (B, V) float32: top-k, temperature, top-p, then an
   // inverse-CDF draw with uniform (B,) float64. Returns (B,) int64.
   m.def("sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) -> Tensor");
-  // One GPT-2 block for one new token per row (generation's decode step, CPU only): x (B, C)
-  // float32 at position pos -> the block's output (B, C); writes this token's keys and values
-  // into cache_k/v (B, H, L, D) float32 at pos. weights (gpt.py's decode_weights): ln_1 w, b;
-  // then per matrix (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; nn.Linear's (out, in)
-  // layout) its weight (float32, bfloat16 or int8), scale (int8: float16 (out, ceil(in / 32)),
-  // one per 32 weights of a row; else empty) and bias (empty: none), with ln_2 w, b after c_proj.
-  m.def("decode_block(Tensor x, Tensor[] weights, Tensor(a!) cache_k, Tensor(b!) cache_v, int pos) -> Tensor");
+  // GPT-2's blocks for one new token per row (generation's decode step, CPU only): x (B, C)
+  // float32 at position pos -> the last block's output (B, C); writes this token's keys and
+  // values into each layer's cache_k, cache_v (B, H, L, D), float32 or bfloat16, at pos.
+  // weights, 16 per layer (gpt.py's decode_weights): ln_1 w, b; then per matrix (attn.c_attn,
+  // attn.c_proj, mlp.c_fc, mlp.c_proj; nn.Linear's (out, in) layout) its weight (float32,
+  // bfloat16 or int8), scale (int8: float16 (out, ceil(in / 32)), one per 32 weights of a row;
+  // else empty) and bias (empty: none), with ln_2 w, b after c_proj. caches: k, v per layer.
+  m.def("decode_blocks(Tensor x, Tensor[] weights, Tensor(a!)[] caches, int pos) -> Tensor");
   // x (M, K) float32 @ weight^T + bias -> (M, N) float32, weight (N, K) stored as in
-  // decode_block (float32, bfloat16, or int8 with scale); bias may be empty. CPU only, for few rows.
+  // decode_blocks (float32, bfloat16, or int8 with scale); bias may be empty. CPU only, for few rows.
   m.def("quantized_linear(Tensor x, Tensor weight, Tensor scale, Tensor bias) -> Tensor");
   // w (N, K) float32 -> int8 q (N, K) and float16 scale (N, ceil(K / 32)), w ~= q * scale per
   // block of 32 along a row (gpt.quantize_weight's rule, bit for bit). CPU only.

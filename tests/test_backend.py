@@ -160,7 +160,7 @@ def test_op_table_matches_the_build(ext):
     if torch.cuda.is_available():
         for op in gpt.ext_ops("cuda"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
-    assert "gpt::decode_block" in gpt.ext_ops("cpu") and "gpt::decode_block" not in gpt.ext_ops("cuda")
+    assert "gpt::decode_blocks" in gpt.ext_ops("cpu") and "gpt::decode_blocks" not in gpt.ext_ops("cuda")
     assert "gpt::dropout_add" in gpt.ext_ops("cpu") and "gpt::dropout_add" not in gpt.ext_ops("cuda")
 
 

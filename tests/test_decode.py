@@ -1,4 +1,4 @@
-"""gpt::decode_block (one block, one new token per row, KV cache) against Block.forward's torch
+"""gpt::decode_blocks (a model's blocks, one new token per row, KV cache) against Block.forward's torch
 path (nn.Linear, LayerNorm, scaled_dot_product_attention), on random weights with non-zero
 biases and awkward sizes: head sizes not a multiple of any vector width, matrix heights not a
 multiple of the kernel's 4-row and 64-row blocks, widths not a multiple of 16 or 32 (a partial
@@ -63,7 +63,7 @@ def filled_cache(cfg, B, seed=1, dtype=torch.float32):
 def run_block(block, cfg, x, pos, backend, cache_dtype=torch.float32):
     cache = filled_cache(cfg, x.size(0), dtype=cache_dtype)
     with gpt.backend(backend), torch.inference_mode():
-        return (block(x, cache, pos), *cache)
+        return (gpt.run_blocks([block], x, [cache], pos), *cache)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
@@ -104,15 +104,39 @@ def test_decode_block_large_values(ext, isa, dtype):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_decode_blocks_runs_a_stack_of_blocks(ext, isa, dtype):
+    """Three blocks with their own weights and caches in one call: each layer's output feeds the
+    next, each writes its own cache (awkward sizes: head size 17, B = 5)."""
+    cfg = random_block(5, 85, 32, True)[0]
+    blocks = [random_block(5, 85, 32, i != 1, seed=i)[1] for i in range(3)]  # one without qkv bias
+    pairs = [stored_and_reference(b, dtype) for b in blocks]
+    cache_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    x = torch.randn(5, 1, 85)
+    results = {}
+    for backend, side in (("torch", 1), ("ext", 0)):
+        caches = [filled_cache(cfg, 5, seed=10 + i, dtype=cache_dtype) for i in range(3)]
+        with gpt.backend(backend), torch.inference_mode():
+            results[backend] = gpt.run_blocks([p[side] for p in pairs], x, caches, 12), caches
+    (got, got_caches), (ref, ref_caches) = results["ext"], results["torch"]
+    tol = 1e-5 if cache_dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    ulp = 0 if cache_dtype == torch.float32 else 2**-7
+    for (gk, gv), (rk, rv) in zip(got_caches, ref_caches):
+        torch.testing.assert_close(gk, rk, rtol=ulp, atol=1e-5)
+        torch.testing.assert_close(gv, rv, rtol=ulp, atol=1e-5)
+    assert not torch.allclose(got, x, atol=1e-2)  # the blocks did something
+
+
 def test_generate_takes_the_fused_step_only_when_it_applies(ext, monkeypatch):
     calls = []
-    fused = gpt.decode_block
-    monkeypatch.setattr(gpt, "decode_block", lambda *a: calls.append(a[3]) or fused(*a))
+    fused = gpt.decode_blocks
+    monkeypatch.setattr(gpt, "decode_blocks", lambda *a: calls.append(a[3]) or fused(*a))
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval()
     prompt = torch.randint(50257, (1, 5))
     gpt.generate(model, prompt, 4)
-    assert calls == [5, 5, 6, 6, 7, 7]  # 2 blocks x 3 decode steps (the prompt runs unfused)
+    assert calls == [5, 6, 7]  # both blocks in one call per decode step (the prompt runs unfused)
     calls.clear()
     with torch.no_grad():  # with autograd recording, or in training mode, the torch path runs
         cache = model.new_kv_cache(1)
@@ -151,8 +175,8 @@ def test_a_block_feature_the_kernel_lacks_falls_back_with_the_same_tokens(ext, m
         rotary: bool = False
 
     calls = []
-    fused = gpt.decode_block
-    monkeypatch.setattr(gpt, "decode_block", lambda *a: calls.append(a[3]) or fused(*a))
+    fused = gpt.decode_blocks
+    monkeypatch.setattr(gpt, "decode_blocks", lambda *a: calls.append(a[3]) or fused(*a))
     prompt = torch.randint(50257, (2, 5), generator=torch.Generator().manual_seed(0))
     tokens = {}
     for rotary in (False, True):
@@ -172,7 +196,7 @@ def test_opcheck(ext, dtype):
     stored, _ = stored_and_reference(block, dtype)
     weights = [w.detach() for w in gpt.decode_weights(stored)]
     cache_k, cache_v = filled_cache(cfg, 2, dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
-    torch.library.opcheck(torch.ops.gpt.decode_block.default, (torch.randn(2, 60), weights, cache_k, cache_v, 9),
+    torch.library.opcheck(torch.ops.gpt.decode_blocks.default, (torch.randn(2, 60), weights, [cache_k, cache_v], 9),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -185,11 +209,17 @@ def test_bad_weights_are_refused(ext):
     no_scale = list(weights)
     no_scale[3] = torch.empty(0)  # c_attn's scale
     with pytest.raises(RuntimeError, match="needs float16 scales"):
-        torch.ops.gpt.decode_block(x, no_scale, *cache, 3)
-    with pytest.raises(RuntimeError, match="expected 16 weight tensors"):
-        torch.ops.gpt.decode_block(x, weights[:12], *cache, 3)
+        torch.ops.gpt.decode_blocks(x, no_scale, list(cache), 3)
+    with pytest.raises(RuntimeError, match="expected 16 weight tensors and a cache_k, cache_v per layer"):
+        torch.ops.gpt.decode_blocks(x, weights[:12], list(cache), 3)
+    with pytest.raises(RuntimeError, match="expected 16 weight tensors and a cache_k, cache_v per layer"):
+        torch.ops.gpt.decode_blocks(x, weights, [*cache, *cache], 3)  # two layers' caches, one layer's weights
     with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
-        torch.ops.gpt.decode_block(x, weights, cache[0], cache[1].bfloat16(), 3)
+        torch.ops.gpt.decode_blocks(x, weights, [cache[0], cache[1].bfloat16()], 3)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        torch.ops.gpt.decode_blocks(x, weights * 2, [*cache, *(c.bfloat16() for c in cache)], 3)
+    with pytest.raises(RuntimeError, match="every layer's cache has one shape"):
+        torch.ops.gpt.decode_blocks(x, weights * 2, [*cache, *(c[:, :, :8].contiguous() for c in cache)], 3)
 
 
 @pytest.mark.parametrize("dtype,cache_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),

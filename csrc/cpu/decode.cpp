@@ -1,7 +1,7 @@
-// One GPT-2 block for one new token per row, with a KV cache: the decode step of generation.
-// x (B, C) float32 is the residual stream at position pos; weights are the block's tensors in
-// the order of enum Weight below (gpt.py's decode_weights); cache_k/v (B, H, L, D), float32 or
-// bfloat16, hold positions < pos.
+// GPT-2's blocks for one new token per row, with a KV cache: the decode step of generation.
+// x (B, C) float32 is the residual stream at position pos; weights are each block's tensors in
+// the order of enum Weight below (gpt.py's decode_weights); each layer's cache_k/v (B, H, L, D),
+// float32 or bfloat16, hold positions < pos. Per block:
 //   h = LN1(x); q, k, v = h Wqkv^T + bqkv; cache[pos] = k, v
 //   y = softmax(q K[0..pos]^T / sqrt(D)) V[0..pos]        per head
 //   x = x + y Wproj^T + bproj
@@ -9,7 +9,7 @@
 // At batch 1 the block is four matrix-vector products: its time is the time to read the weights
 // once. In torch the same block is ~20 small ops, each dispatched, allocated and run with the
 // caches cold (every weight matrix streamed through just before evicts them), and a fork/join
-// of the threads per product; here it is one call and one parallel region.
+// of the threads per product; here all the blocks are one call and one parallel region.
 //
 // The matrices are stored float32, bfloat16, or int8 with a float16 scale per 32 weights along
 // a row (llama.cpp's Q8_0 layout: w[n, k] = q[n, k] * scale[n, k / 32]). float32 and bfloat16
@@ -168,6 +168,11 @@ void dot_rows_generic_int8(const Matrix& m, int64_t n, const Rows& x, float* s) 
     for (int b = 0; b < NB; b++) s[r * NB + b] = acc[r][b];
 }
 
+bool isa_forced_generic() {
+  const char* force = std::getenv("GPT_CPU_ISA");  // tests run the generic paths too
+  return force != nullptr && std::strcmp(force, "generic") == 0;
+}
+
 #if GPT_X86
 // GCC 12 warns that the intrinsics' own _mm512_undefined_* placeholders are uninitialized.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -291,51 +296,43 @@ GPT_AVX512 void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float*
   }
 }
 
-bool isa_forced_generic() {
-  const char* force = std::getenv("GPT_CPU_ISA");  // tests run the generic paths too
-  return force != nullptr && std::strcmp(force, "generic") == 0;
-}
-
-bool use_avx512() {
+bool has_avx512() {
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
   }();
-  return has && !isa_forced_generic();
+  return has;
 }
 
-bool use_vnni() {
+bool has_vnni() {
   static const bool has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni");
   }();
-  return has && use_avx512();
+  return has && has_avx512();
 }
+
+bool use_avx512() { return has_avx512() && !isa_forced_generic(); }
 #else
+bool has_avx512() { return false; }
+bool has_vnni() { return false; }
 bool use_avx512() { return false; }
-bool use_vnni() { return false; }
 #endif
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
-#if GPT_X86
-  if (use_avx512()) return quantize_row_avx512(x, K, q, d);
-#endif
-  quantize_row_generic(x, K, q, d);
-}
-
+using QuantizeRow = void (*)(const float*, int64_t, int8_t*, float*);
 using DotRows = void (*)(const Matrix&, int64_t, const Rows&, float*);
 
 template <class T, int R, int NB>
-DotRows pick_dot_rows() {
+DotRows pick_dot_rows(bool native) {
   if constexpr (std::is_same<T, int8_t>::value) {
 #if GPT_X86
-    if (use_vnni()) return &dot_rows_vnni_int8<R, NB>;
+    if (native && has_vnni()) return &dot_rows_vnni_int8<R, NB>;
 #endif
     return &dot_rows_generic_int8<R, NB>;
   } else {
 #if GPT_X86
-    if (use_avx512()) return &dot_rows_avx512<T, R, NB>;
+    if (native && has_avx512()) return &dot_rows_avx512<T, R, NB>;
 #endif
     return &dot_rows_generic<T, R, NB>;
   }
@@ -343,23 +340,34 @@ DotRows pick_dot_rows() {
 
 constexpr int kRows = 4, kBatch = 4;  // 16 accumulators of 16 floats: half the AVX-512 registers
 
-// The kernel for R in {1, 4} rows of W and NB in 1..4 rows of x: table[R == 4][NB - 1].
+// One ISA's kernels for a kind of matrix: the product for R in {1, 4} rows of W and NB in 1..4
+// rows of x, f[R == 4][NB - 1], and the quantizer of x's rows (int8 matrices).
 struct DotTable {
   DotRows f[2][kBatch];
+  QuantizeRow quantize;
 };
 
 template <class T>
-DotTable dot_table() {
-  return {{{pick_dot_rows<T, 1, 1>(), pick_dot_rows<T, 1, 2>(), pick_dot_rows<T, 1, 3>(), pick_dot_rows<T, 1, 4>()},
-           {pick_dot_rows<T, 4, 1>(), pick_dot_rows<T, 4, 2>(), pick_dot_rows<T, 4, 3>(), pick_dot_rows<T, 4, 4>()}}};
+DotTable dot_table(bool native) {
+#if GPT_X86
+  const QuantizeRow quantize = native && has_avx512() ? &quantize_row_avx512 : &quantize_row_generic;
+#else
+  const QuantizeRow quantize = &quantize_row_generic;
+#endif
+  return {{{pick_dot_rows<T, 1, 1>(native), pick_dot_rows<T, 1, 2>(native), pick_dot_rows<T, 1, 3>(native),
+            pick_dot_rows<T, 1, 4>(native)},
+           {pick_dot_rows<T, 4, 1>(native), pick_dot_rows<T, 4, 2>(native), pick_dot_rows<T, 4, 3>(native),
+            pick_dot_rows<T, 4, 4>(native)}},
+          quantize};
 }
 
-DotTable dot_table(Kind kind) {
-  switch (kind) {
-    case Kind::BF16: return dot_table<at::BFloat16>();
-    case Kind::I8: return dot_table<int8_t>();
-    default: return dot_table<float>();
-  }
+// The kernels for a kind of matrix, picked once (GPT_CPU_ISA=generic is read per call instead:
+// the tests set it between calls).
+const DotTable& dot_table(Kind kind, bool generic) {
+  static const DotTable tables[2][3] = {
+      {dot_table<float>(true), dot_table<at::BFloat16>(true), dot_table<int8_t>(true)},
+      {dot_table<float>(false), dot_table<at::BFloat16>(false), dot_table<int8_t>(false)}};
+  return tables[generic][static_cast<int>(kind)];
 }
 
 // The KV cache holds float32, or bfloat16 (uint16_t bits) for bf16/int8 weights: half the bytes
@@ -449,7 +457,7 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, Qu
   if (m.kind == Kind::I8) {
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++)
-      quantize_row(x + b * K, K, quantized.q.data() + b * K, quantized.d.data() + b * nblk);
+      dots.quantize(x + b * K, K, quantized.q.data() + b * K, quantized.d.data() + b * nblk);
   }
 #pragma omp for schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks; c++) {
@@ -497,32 +505,66 @@ void attend(const float* qkv, int64_t B, int64_t H, int64_t D, T* cache_k, T* ca
   }
 }
 
-at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList w, at::Tensor& cache_k, at::Tensor& cache_v,
-                            int64_t pos) {
-  TORCH_CHECK(w.size() == N_WEIGHTS, "decode_block: expected ", N_WEIGHTS, " weight tensors, got ", w.size());
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "decode_block: x must be a contiguous (B, C) float32 tensor");
+// One layer's tensors, checked: what a thread of the parallel region reads.
+struct Layer {
+  const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+  Matrix qkv, proj, fc, out;
+  const DotTable *dq, *dp, *df, *dm;
+  void *cache_k, *cache_v;
+};
+
+Layer layer(const at::Tensor* w, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t B, int64_t C, int64_t pos,
+            bool generic) {
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.is_contiguous() && cache_v.is_contiguous() &&
                   cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == cache_v.scalar_type() &&
                   (cache_k.scalar_type() == at::kFloat || cache_k.scalar_type() == at::kBFloat16),
-              "decode_block: cache_k, cache_v must be contiguous (B, H, L, D) tensors, both float32 or both bfloat16");
+              "decode_blocks: each layer's cache_k, cache_v must be contiguous (B, H, L, D) tensors, both float32 or "
+              "both bfloat16");
   for (const Weight i : {LN1_W, LN1_B, LN2_W, LN2_B})
-    TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous(), "decode_block: LayerNorms must be float32");
-  const int64_t B = x.size(0), C = x.size(1), H = cache_k.size(1), L = cache_k.size(2), D = cache_k.size(3);
-  TORCH_CHECK(cache_k.size(0) == B && H * D == C, "decode_block: cache shape does not match x");
-  TORCH_CHECK(0 <= pos && pos < L, "decode_block: pos ", pos, " outside the cache's ", L, " positions");
-  const Matrix qkv_m = matrix(w[QKV_W], w[QKV_S], w[QKV_B], "decode_block: c_attn");
-  const Matrix proj_m = matrix(w[PROJ_W], w[PROJ_S], w[PROJ_B], "decode_block: attn.c_proj");
-  const Matrix fc_m = matrix(w[FC_W], w[FC_S], w[FC_B], "decode_block: c_fc");
-  const Matrix out_m = matrix(w[OUT_W], w[OUT_S], w[OUT_B], "decode_block: mlp.c_proj");
-  const int64_t F = fc_m.N;  // MLP width (4C)
-  TORCH_CHECK(qkv_m.N == 3 * C && qkv_m.K == C && proj_m.N == C && proj_m.K == C && fc_m.K == C && out_m.N == C &&
-                  out_m.K == F && w[LN1_W].numel() == C && w[LN1_B].numel() == C && w[LN2_W].numel() == C &&
-                  w[LN2_B].numel() == C,
-              "decode_block: weight shapes do not match n_embd ", C);
-  const DotTable dq = dot_table(qkv_m.kind), dp = dot_table(proj_m.kind), df = dot_table(fc_m.kind),
-                 dm = dot_table(out_m.kind);
-  auto f32 = [&](Weight i) { return w[i].data_ptr<float>(); };
+    TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous() && w[i].numel() == C,
+                "decode_blocks: LayerNorms must be float32 (", C, ",)");
+  TORCH_CHECK(cache_k.size(0) == B && cache_k.size(1) * cache_k.size(3) == C, "decode_blocks: cache shape does not match x");
+  TORCH_CHECK(0 <= pos && pos < cache_k.size(2), "decode_blocks: pos ", pos, " outside the cache's ", cache_k.size(2),
+              " positions");
+  Layer l{w[LN1_W].data_ptr<float>(), w[LN1_B].data_ptr<float>(), w[LN2_W].data_ptr<float>(), w[LN2_B].data_ptr<float>(),
+          matrix(w[QKV_W], w[QKV_S], w[QKV_B], "decode_blocks: c_attn"),
+          matrix(w[PROJ_W], w[PROJ_S], w[PROJ_B], "decode_blocks: attn.c_proj"),
+          matrix(w[FC_W], w[FC_S], w[FC_B], "decode_blocks: c_fc"),
+          matrix(w[OUT_W], w[OUT_S], w[OUT_B], "decode_blocks: mlp.c_proj"), {}, {}, {}, {},
+          cache_k.data_ptr(), cache_v.data_ptr()};
+  TORCH_CHECK(l.qkv.N == 3 * C && l.qkv.K == C && l.proj.N == C && l.proj.K == C && l.fc.K == C && l.out.N == C &&
+                  l.out.K == l.fc.N,
+              "decode_blocks: weight shapes do not match n_embd ", C);
+  l.dq = &dot_table(l.qkv.kind, generic), l.dp = &dot_table(l.proj.kind, generic);
+  l.df = &dot_table(l.fc.kind, generic), l.dm = &dot_table(l.out.kind, generic);
+  return l;
+}
+
+// The blocks of a model for one new token: x (B, C) through each layer in turn, in one call and
+// one parallel region (a call per block cost ~25 us of dispatch, allocation and fork/join, ~0.3 ms
+// a token at 12 layers). weights: 16 per layer (enum Weight), caches: k, v per layer.
+at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorList caches, int64_t pos) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "decode_blocks: x must be a contiguous (B, C) float32 tensor");
+  const int64_t n_layer = static_cast<int64_t>(caches.size()) / 2;
+  TORCH_CHECK(n_layer >= 1 && static_cast<int64_t>(caches.size()) == 2 * n_layer &&
+                  static_cast<int64_t>(w.size()) == N_WEIGHTS * n_layer,
+              "decode_blocks: expected ", N_WEIGHTS, " weight tensors and a cache_k, cache_v per layer, got ", w.size(),
+              " and ", caches.size());
+  const int64_t B = x.size(0), C = x.size(1);
+  const bool generic = isa_forced_generic();
+  std::vector<Layer> layers;
+  int64_t F = 0;  // the widest MLP
+  for (int64_t i = 0; i < n_layer; i++) {
+    const at::Tensor &k = caches[2 * i], &v = caches[2 * i + 1];
+    TORCH_CHECK(k.sizes() == caches[0].sizes(), "decode_blocks: every layer's cache has one shape");
+    layers.push_back(layer(w.data() + N_WEIGHTS * i, k, v, B, C, pos, generic));
+    F = std::max(F, layers.back().fc.N);
+  }
+  const int64_t H = caches[0].size(1), L = caches[0].size(2), D = caches[0].size(3);
+  const bool bf16_cache = caches[0].scalar_type() == at::kBFloat16;
+  for (const at::Tensor& c : caches)
+    TORCH_CHECK(c.scalar_type() == caches[0].scalar_type(), "decode_blocks: the caches are all float32 or all bfloat16");
 
   at::Tensor out = x.clone();
   at::Tensor h = at::empty({B, C}, x.options()), qkv = at::empty({B, 3 * C}, x.options());
@@ -530,23 +572,22 @@ at::Tensor decode_block_cpu(const at::Tensor& x, at::TensorList w, at::Tensor& c
   float *o = out.data_ptr<float>(), *hp = h.data_ptr<float>(), *qp = qkv.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *fp = f.data_ptr<float>();
   QuantizedRows quantized(B, F);  // (F, the widest input)
-  // One parallel region for the whole block: its phases are separated by barriers (each `omp for`
+  // One parallel region for all the blocks: their phases are separated by barriers (each `omp for`
   // and `omp single` ends with one), ~1 us, where a region per product would cost a fork/join each.
 #pragma omp parallel num_threads(at::get_num_threads())
-  {
+  for (const Layer& l : layers) {
 #pragma omp single
-    layer_norm(o, B, C, f32(LN1_W), f32(LN1_B), hp);
-    linear<Epilogue::kStore>(hp, B, qkv_m, dq, quantized, qp);
-    if (cache_k.scalar_type() == at::kFloat)
-      attend(qp, B, H, D, cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), L, pos, yp);
+    layer_norm(o, B, C, l.ln1_w, l.ln1_b, hp);
+    linear<Epilogue::kStore>(hp, B, l.qkv, *l.dq, quantized, qp);
+    if (bf16_cache)
+      attend(qp, B, H, D, static_cast<uint16_t*>(l.cache_k), static_cast<uint16_t*>(l.cache_v), L, pos, yp);
     else
-      attend(qp, B, H, D, reinterpret_cast<uint16_t*>(cache_k.data_ptr<at::BFloat16>()),
-             reinterpret_cast<uint16_t*>(cache_v.data_ptr<at::BFloat16>()), L, pos, yp);
-    linear<Epilogue::kAddToOut>(yp, B, proj_m, dp, quantized, o);
+      attend(qp, B, H, D, static_cast<float*>(l.cache_k), static_cast<float*>(l.cache_v), L, pos, yp);
+    linear<Epilogue::kAddToOut>(yp, B, l.proj, *l.dp, quantized, o);
 #pragma omp single
-    layer_norm(o, B, C, f32(LN2_W), f32(LN2_B), hp);
-    linear<Epilogue::kGelu>(hp, B, fc_m, df, quantized, fp);
-    linear<Epilogue::kAddToOut>(fp, B, out_m, dm, quantized, o);
+    layer_norm(o, B, C, l.ln2_w, l.ln2_b, hp);
+    linear<Epilogue::kGelu>(hp, B, l.fc, *l.df, quantized, fp);
+    linear<Epilogue::kAddToOut>(fp, B, l.out, *l.dm, quantized, o);
   }
   return out;
 }
@@ -561,7 +602,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(m.K == x.size(1), "quantized_linear: x has ", x.size(1), " columns, the weight ", m.K);
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, m.N}, x.options());
-  const DotTable dots = dot_table(m.kind);
+  const DotTable& dots = dot_table(m.kind, isa_forced_generic());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   QuantizedRows quantized(M, m.K);
@@ -671,7 +712,7 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gpt, CPU, m) {
-  m.impl("decode_block", &decode_block_cpu);
+  m.impl("decode_blocks", &decode_blocks_cpu);
   m.impl("quantized_linear", &quantized_linear_cpu);
   m.impl("quantize_int8", &quantize_int8_cpu);
   m.impl("dequantize_int8", &dequantize_int8_cpu);
