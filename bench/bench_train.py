@@ -15,6 +15,9 @@
   biases, LM head tied to wte) in the book's GPT-124M shape, at 2x256 and 8x256, under bf16
   autocast and in fp32, at dropout 0.1 and 0; the fp32 and bf16 matmul rates measured in the
   same run, rounds interleaved, and each step's fraction of its dtype's matmul rate.
+
+Every candidate runs under gpt.keep_freed_memory(), as gpt.train sets it (glibc keeps the memory a
+step frees for the next one): the peers in this process get it too, so ratios compare the models.
 """
 import contextlib
 import math
@@ -29,6 +32,7 @@ from conftest import extra_peak_bytes
 import gpt
 
 N, C, V = 4096, 768, 50257
+gpt.keep_freed_memory()
 
 
 def linear_ce_case(benchmark, impl, dtype=torch.float32):
