@@ -1795,7 +1795,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # 0 = no validation split: best.pt is then the lowest train loss
     # optimization
     epochs: int = 1  # passes over the training windows, when max_iters is None (--epochs alone sets that)
-    max_iters: int = "auto"  # optimizer steps; auto: the default run's ~9 min on 2 cores (see RUN_STEPS); None = epochs
+    max_iters: int = "auto"  # optimizer steps; auto: the default run's < 10 min on 2 cores (see RUN_STEPS); None = epochs
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # where the cosine schedule ends
@@ -1861,8 +1861,9 @@ def validate_train_config(cfg):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# --max_iters auto: the steps the small preset takes in ~9 minutes on 2 cores, by the dtype it runs
-# in (bf16 on a CPU with AMX: 2.5x float32's tokens/s), so native bf16 buys a longer run, not a shorter one
+# --max_iters auto: the steps the small preset takes in under 10 minutes on 2 cores (bf16 with AMX:
+# 7 min 22 s; float32 on an AMD EPYC: 9 min 47 s), by the dtype it runs in (bf16 on a CPU with AMX:
+# 2.5x float32's tokens/s), so native bf16 buys a longer run, not a shorter one
 RUN_STEPS = {"float32": 220, "bfloat16": 600, "float16": 600}
 
 
