@@ -2872,12 +2872,13 @@ def _read_weights(path):
     prefix = _tf_prefix(path)
     if prefix:
         return read_tf_checkpoint(prefix), "tf", _read_json(os.path.join(os.path.dirname(prefix), "hparams.json"))
-    if os.path.isdir(path):
-        for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.isdir(path):  # a Hugging Face folder, or a training run's (ours: best.pt; nanoGPT's: ckpt.pt)
+        for name in ("model.safetensors", "pytorch_model.bin", "best.pt", "ckpt.pt"):
             if os.path.exists(os.path.join(path, name)):
                 return _read_weights(os.path.join(path, name))
-        raise GPTError(f"{path} has no model.safetensors, pytorch_model.bin or model.ckpt.index: point at a "
-                       "Hugging Face or OpenAI GPT-2 folder, or at a checkpoint file (e.g. out/best.pt)")
+        raise GPTError(f"{path} has no model.safetensors, pytorch_model.bin, model.ckpt.index, best.pt or ckpt.pt: "
+                       "point at a Hugging Face or OpenAI GPT-2 folder, a training run's folder, or a checkpoint "
+                       "file (e.g. out/ckpt-00000100.pt)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

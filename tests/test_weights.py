@@ -356,6 +356,21 @@ def test_nanogpt_checkpoint(tmp_path, bias, compiled, mask_buffers):
     _assert_logits_match(ours, lambda idx: hf(idx).logits)
 
 
+def test_a_training_runs_folder_loads_its_checkpoint(tmp_path):
+    """--init_from out/ (a run of ours: its best.pt) and nanoGPT's out/ (its ckpt.pt), as the files."""
+    hf = _hf_model(seed=21)
+    (tmp_path / "nanogpt_out").mkdir()
+    torch.save(_nanogpt_checkpoint(hf, True, False, False), tmp_path / "nanogpt_out" / "ckpt.pt")
+    from_folder = gpt.GPT.from_pretrained(str(tmp_path / "nanogpt_out")).eval()
+    _assert_logits_match(from_folder, lambda idx: hf(idx).logits)
+    (tmp_path / "ours").mkdir()
+    gpt.save_checkpoint(str(tmp_path / "ours" / "best.pt"),
+                        {"model": from_folder.state_dict(), "config": gpt.dataclasses.asdict(from_folder.config)})
+    (tmp_path / "ours" / "ckpt.pt").write_bytes(b"not read: best.pt comes first")
+    ours = gpt.GPT.from_pretrained(str(tmp_path / "ours")).eval()
+    _assert_logits_match(ours, lambda idx: hf(idx).logits)
+
+
 # --- the Hugging Face cache ----------------------------------------------------------------
 
 def _fake_hub(hub, repo, hf, with_ref=True):
