@@ -1862,9 +1862,9 @@ def validate_train_config(cfg):
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --max_iters auto: the steps the small preset takes in under 10 minutes on 2 cores (bf16 with AMX:
-# 7 min 22 s; float32 on an AMD EPYC: 9 min 47 s), by the dtype it runs in (bf16 on a CPU with AMX:
+# 9 min 9 s; float32 on an AMD EPYC: 9 min 47 s), by the dtype it runs in (bf16 on a CPU with AMX:
 # 2.5x float32's tokens/s), so native bf16 buys a longer run, not a shorter one
-RUN_STEPS = {"float32": 220, "bfloat16": 600, "float16": 600}
+RUN_STEPS = {"float32": 220, "bfloat16": 720, "float16": 720}
 
 
 def pick_dtype(name, device):
