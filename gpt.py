@@ -1771,7 +1771,8 @@ def keep_freed_memory():
     default it hands every block over 32 MB back to the OS when freed (munmap) and trims the heap, so
     each step pays a page fault per 4 KB to get the same memory again: gradients are set to None and
     reallocated every step, and zeroing the 154 MB embedding gradient alone took 227 ms of a 2 s
-    GPT-124M step at 2x256. Process-wide; off glibc (macOS, musl) it does nothing."""
+    GPT-124M step at 2x256 (THP_MEM_ALLOC_ENABLE, set at the top of this file, makes those faults
+    2 MB each; it does not avoid them). Process-wide; off glibc (macOS, musl) it does nothing."""
     if not sys.platform.startswith("linux"):
         return False
     try:

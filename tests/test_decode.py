@@ -60,6 +60,19 @@ def filled_cache(cfg, B, seed=1, dtype=torch.float32):
     return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
 
 
+def assert_same_step(got, ref, got_caches, ref_caches, cache_dtype):
+    """The kernel's output and written caches against the torch path's: float32's tolerance with a
+    float32 cache. With a bfloat16 cache, this token's k, v (equal to ~1e-6 on both sides) may round
+    to neighbouring bfloat16 values (one unit in the last place), which moves the output ~1e-5."""
+    tol = 1e-5 if cache_dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    ulp = 0 if cache_dtype == torch.float32 else 2**-7  # one unit in the last place, relative to either value
+    for (got_k, got_v), (ref_k, ref_v) in zip(got_caches, ref_caches, strict=True):
+        assert got_k.dtype == got_v.dtype == cache_dtype
+        torch.testing.assert_close(got_k, ref_k, rtol=ulp, atol=1e-5)  # this token's k, v written at pos
+        torch.testing.assert_close(got_v, ref_v, rtol=ulp, atol=1e-5)
+
+
 def run_block(block, cfg, x, pos, backend, cache_dtype=torch.float32):
     cache = filled_cache(cfg, x.size(0), dtype=cache_dtype)
     with gpt.backend(backend), torch.inference_mode():
@@ -81,14 +94,7 @@ def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv
     x = torch.randn(B, 1, n_embd)
     ref, ref_k, ref_v = run_block(reference, cfg, x, pos, "torch", cache_dtype)
     got, got_k, got_v = run_block(stored, cfg, x, pos, "ext", cache_dtype)
-    # A bfloat16 cache: this token's k, v (equal to ~1e-6 on both sides) may round to neighbouring
-    # bfloat16 values (one unit in the last place), which moves the output ~1e-5.
-    tol = 1e-5 if cache_dtype == torch.float32 else 1e-4
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    ulp = 0 if cache_dtype == torch.float32 else 2**-7  # one unit in the last place, relative to either value
-    assert got_k.dtype == got_v.dtype == cache_dtype
-    torch.testing.assert_close(got_k, ref_k, rtol=ulp, atol=1e-5)  # this token's k, v written at pos
-    torch.testing.assert_close(got_v, ref_v, rtol=ulp, atol=1e-5)
+    assert_same_step(got, ref, [(got_k, got_v)], [(ref_k, ref_v)], cache_dtype)
     assert not torch.equal(got_k[:, :, pos], filled_cache(cfg, B, dtype=cache_dtype)[0][:, :, pos])
 
 
@@ -119,12 +125,7 @@ def test_decode_blocks_runs_a_stack_of_blocks(ext, isa, dtype):
         with gpt.backend(backend), torch.inference_mode():
             results[backend] = gpt.run_blocks([p[side] for p in pairs], x, caches, 12), caches
     (got, got_caches), (ref, ref_caches) = results["ext"], results["torch"]
-    tol = 1e-5 if cache_dtype == torch.float32 else 1e-4
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    ulp = 0 if cache_dtype == torch.float32 else 2**-7
-    for (gk, gv), (rk, rv) in zip(got_caches, ref_caches):
-        torch.testing.assert_close(gk, rk, rtol=ulp, atol=1e-5)
-        torch.testing.assert_close(gv, rv, rtol=ulp, atol=1e-5)
+    assert_same_step(got, ref, got_caches, ref_caches, cache_dtype)
     assert not torch.allclose(got, x, atol=1e-2)  # the blocks did something
 
 

@@ -564,13 +564,12 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
   for (int64_t i = 0; i < n_layer; i++) {
     const at::Tensor &k = caches[2 * i], &v = caches[2 * i + 1];
     TORCH_CHECK(k.sizes() == caches[0].sizes(), "decode_blocks: every layer's cache has one shape");
-    layers.push_back(layer(w.data() + N_WEIGHTS * i, k, v, B, C, pos, generic));
+    TORCH_CHECK(k.scalar_type() == caches[0].scalar_type(), "decode_blocks: the caches are all float32 or all bfloat16");
+    layers.push_back(layer(w.data() + N_WEIGHTS * i, k, v, B, C, pos, generic));  // (v checked against k)
     F = std::max(F, layers.back().fc.N);
   }
   const int64_t H = caches[0].size(1), L = caches[0].size(2), D = caches[0].size(3);
   const bool bf16_cache = caches[0].scalar_type() == at::kBFloat16;
-  for (const at::Tensor& c : caches)
-    TORCH_CHECK(c.scalar_type() == caches[0].scalar_type(), "decode_blocks: the caches are all float32 or all bfloat16");
 
   at::Tensor out = x.clone();
   at::Tensor h = at::empty({B, C}, x.options()), qkv = at::empty({B, 3 * C}, x.options());
