@@ -1182,12 +1182,17 @@ def decode_blocks(blocks, x, kv_cache, pos):
 # about quarters it. quantize(model, dtype) stores every matrix that way once, embeddings and the
 # LM head included; LayerNorms and biases stay float32. A few rows at a time (decoding), bf16
 # products keep float32 activations and sums, int8 products quantize the activations per block of
-# 32 too and sum each block exactly in integers (as llama.cpp's Q8_0; int8_linear_reference);
-# many rows at once (the prompt) run as one bfloat16 GEMM per layer (oneDNN; AMX where present).
+# 32 too and sum each block exactly in integers (as llama.cpp's Q8_0; int8_linear_reference; on
+# AMX tiles from 5 rows, where present); many rows at once (the prompt) run as one bfloat16 GEMM
+# per layer (oneDNN; AMX where present).
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 QBLOCK = 32  # int8 weights per scale, along a row (the input dimension)
-_FEW_ROWS = 8  # up to this many rows a product runs in gpt::quantized_linear, above as a GEMM
+# Up to this many rows (int8: with AMX tiles, without) a product runs in gpt::quantized_linear,
+# above as one bfloat16 GEMM. int8 products sum in integers on few rows: faster than
+# dequantizing the weight for a GEMM up to ~16 rows with VNNI, ~32 on AMX tiles.
+_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+_FEW_ROWS = {torch.bfloat16: 8, torch.int8: 32 if _AMX else 16}
 
 
 def quantize_weight(w, dtype):
@@ -1269,7 +1274,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         x2d = x.reshape(-1, x.size(-1))
-        if x2d.size(0) > _FEW_ROWS:  # the prompt: one bfloat16 GEMM
+        if x2d.size(0) > _FEW_ROWS[self.qweight.dtype]:  # the prompt: one bfloat16 GEMM
             w = self.qweight if self.qweight.dtype == torch.bfloat16 else dequantize_bfloat16(self.qweight, self.scale)
             y = F.linear(x2d.bfloat16(), w).float()
             y = y + self.bias if self.bias is not None else y

@@ -9,7 +9,8 @@ dequantized float32 weights, int8 weights with the torch path of the stored bloc
 quantizes the activations per block of 32 as the kernel does): both sides then compute the same
 function, so the tolerance is float32's (1e-5), not the quantization error's; with a bfloat16
 KV cache (what bf16 and int8 weights decode with) both sides read the same rounded cache. Every
-test runs on the AVX-512 path and on the generic one (GPT_CPU_ISA=generic)."""
+test runs on the CPU's best path (int8 products of 5 or more rows on AMX tiles where present),
+on AVX-512 without AMX (GPT_CPU_ISA=avx512) and on the generic one (GPT_CPU_ISA=generic)."""
 import copy
 
 import pytest
@@ -18,10 +19,11 @@ import torch
 import gpt
 
 
-@pytest.fixture(params=["avx512", "generic"])
+@pytest.fixture(params=["best", "avx512", "generic"])
 def isa(request, monkeypatch):
-    if request.param == "generic":
-        monkeypatch.setenv("GPT_CPU_ISA", "generic")
+    """The CPU's best products (AMX tiles for int8 where present), AVX-512 without AMX, generic."""
+    if request.param != "best":
+        monkeypatch.setenv("GPT_CPU_ISA", request.param)
     return request.param
 
 
@@ -86,6 +88,7 @@ def run_block(block, cfg, x, pos, backend, cache_dtype=torch.float32):
     (4, 64, 2, 31, True),    # the last cache slot
     (12, 768, 1, 100, True),  # GPT-2 124M's block
     (5, 85, 6, 18, False),   # odd everything: head size 17, 4C = 340, K = 85 (a 21-wide int8 block); B = 4 + 2
+    (3, 96, 17, 5, True),    # K = 96, 384: int8 on AMX tiles, rows of x 16 + 1
 ])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv_bias, cache_dtype):
@@ -111,17 +114,20 @@ def test_decode_block_large_values(ext, isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_decode_blocks_runs_a_stack_of_blocks(ext, isa, dtype):
+@pytest.mark.parametrize("shape", [(5, 85, 5), (2, 64, 8)])
+def test_decode_blocks_runs_a_stack_of_blocks(ext, isa, dtype, shape):
     """Three blocks with their own weights and caches in one call: each layer's output feeds the
-    next, each writes its own cache (awkward sizes: head size 17, B = 5)."""
-    cfg = random_block(5, 85, 32, True)[0]
-    blocks = [random_block(5, 85, 32, i != 1, seed=i)[1] for i in range(3)]  # one without qkv bias
+    next, each writes its own cache (awkward sizes: head size 17, B = 5; or C = 64, B = 8: int8 on AMX
+    tiles where present)."""
+    n_head, C, B = shape
+    cfg = random_block(n_head, C, 32, True)[0]
+    blocks = [random_block(n_head, C, 32, i != 1, seed=i)[1] for i in range(3)]  # one without qkv bias
     pairs = [stored_and_reference(b, dtype) for b in blocks]
     cache_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    x = torch.randn(5, 1, 85)
+    x = torch.randn(B, 1, C)
     results = {}
     for backend, side in (("torch", 1), ("ext", 0)):
-        caches = [filled_cache(cfg, 5, seed=10 + i, dtype=cache_dtype) for i in range(3)]
+        caches = [filled_cache(cfg, B, seed=10 + i, dtype=cache_dtype) for i in range(3)]
         with gpt.backend(backend), torch.inference_mode():
             results[backend] = gpt.run_blocks([p[side] for p in pairs], x, caches, 12), caches
     (got, got_caches), (ref, ref_caches) = results["ext"], results["torch"]

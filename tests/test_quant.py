@@ -10,10 +10,11 @@ import torch.nn.functional as F
 import gpt
 
 
-@pytest.fixture(params=["avx512", "generic"])
+@pytest.fixture(params=["best", "avx512", "generic"])
 def isa(request, monkeypatch):
-    if request.param == "generic":
-        monkeypatch.setenv("GPT_CPU_ISA", "generic")
+    """The CPU's best products (AMX tiles for int8 where present), AVX-512 without AMX, generic."""
+    if request.param != "best":
+        monkeypatch.setenv("GPT_CPU_ISA", request.param)
     return request.param
 
 
@@ -60,7 +61,10 @@ def test_int8_refuses_weights_it_cannot_store(ext, bad):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 1, 1, True), (1, 67, 85, False), (3, 5, 33, True), (5, 130, 64, True),
                                         (8, 9, 17, False),
-                                        (2, 37, 1061, True)])  # 34 blocks: scales converted 16 at a time, a 5-wide tail
+                                        (2, 37, 1061, True),  # 34 blocks: scales converted 16 at a time, a 5-wide tail
+                                        # int8 on AMX tiles where present: 16-row units and a tail, rows of x
+                                        # 16 and 33 (one and three tiles), 34 blocks (groups of 4, 2 left)
+                                        (16, 48, 96, True), (33, 67, 1088, True), (5, 16, 32, False)])
 def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K, bias):
     w = awkward_weight(N, K)
     stored, scale = gpt.quantize_weight(w, dtype) if dtype != "float32" else (w, torch.empty(0))
@@ -134,7 +138,7 @@ def test_the_prompt_runs_as_bfloat16_gemms(dtype, monkeypatch):
     seen = []
     linear = F.linear
     monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append((x.dtype, w.dtype)) or linear(x, w, b))
-    idx = torch.randint(50257, (2, 12))
+    idx = torch.randint(50257, (2, gpt._FEW_ROWS[model.lm_head.qweight.dtype] // 2 + 1))
     with torch.no_grad():
         got = model(idx)
     monkeypatch.setattr(F, "linear", linear)

@@ -17,9 +17,12 @@
 // activations and sums, so a bf16 matrix costs only its bytes. An int8 product quantizes the
 // activations per block of 32 as well and sums each block exactly in integers (VNNI where the
 // CPU has it), as llama.cpp does for Q8_0: widening int8 weights costs too many instructions to
-// keep up with memory. gpt::quantized_linear is the same product alone, for the LM head. Two
-// builds of the products: AVX-512 (intrinsics, AVX512-VNNI for int8; picked at run time) and a
-// generic one (GPT_CPU_ISA=generic forces it, for tests); both compute the same block sums.
+// keep up with memory; from 5 rows of x (batch decode, short prompts) an int8 product runs on AMX
+// tiles where the CPU has them, 16 rows of W by 16 of x per block. gpt::quantized_linear is the
+// same product alone, for the LM head and short prompts. Builds of the products: AMX (int8),
+// AVX-512 (intrinsics, AVX512-VNNI for int8), picked at run time, and a generic one; GPT_CPU_ISA
+// =avx512 leaves AMX out, =generic forces the generic one (for tests). All compute the same block
+// sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,7 +39,10 @@
 #include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define GPT_X86 1
 #else
 #define GPT_X86 0
@@ -112,11 +118,35 @@ struct Rows {
 };
 
 // Room for B rows of up to K columns quantized (int8 matrices' products).
+// With AMX they are also packed as tile products read them (pack_tile): per 16 rows t of x and
+// block j, tiles[(t * nblk + j) * 512 ...] and the 16 rows' scales tile_d[(t * nblk + j) * 16 ...].
+constexpr int64_t kAmxMinRows = 5;  // rows of x from which an int8 product takes the AMX kernel
+
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> d;
-  QuantizedRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)) {}
+  std::vector<int8_t> tiles;
+  std::vector<float> tile_d;
+  QuantizedRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)) {
+    const int64_t padded = B >= kAmxMinRows ? (B + 15) / 16 * 16 : 0;
+    tiles.resize(padded * ((K + QBLOCK - 1) / QBLOCK) * QBLOCK);
+    tile_d.resize(padded * ((K + QBLOCK - 1) / QBLOCK));
+  }
 };
+
+// Block j of the t-th 16 rows of x (B rows quantized, K a multiple of 32) as the second operand of
+// a tile product: 8 rows of 64 bytes, row i holding columns 4i..4i+3 of each of the 16 rows (zero
+// past B), then the 16 rows' scales of the block.
+void pack_tile(QuantizedRows& x, int64_t B, int64_t K, int64_t t, int64_t j) {
+  const int64_t nblk = K / QBLOCK;
+  int8_t* tile = x.tiles.data() + (t * nblk + j) * 512;
+  float* d = x.tile_d.data() + (t * nblk + j) * 16;
+  for (int64_t b = 0; b < 16; b++) {
+    const int64_t row = 16 * t + b;
+    d[b] = row < B ? x.d[row * nblk + j] : 0.0f;
+    for (int64_t i = 0; i < QBLOCK; i++) tile[(i / 4) * 64 + b * 4 + i % 4] = row < B ? x.q[row * K + j * QBLOCK + i] : 0;
+  }
+}
 
 // One row x (K) -> q (K), d (one per block of 32).
 void quantize_row_generic(const float* x, int64_t K, int8_t* q, float* d) {
@@ -168,9 +198,14 @@ void dot_rows_generic_int8(const Matrix& m, int64_t n, const Rows& x, float* s) 
     for (int b = 0; b < NB; b++) s[r * NB + b] = acc[r][b];
 }
 
-bool isa_forced_generic() {
-  const char* force = std::getenv("GPT_CPU_ISA");  // tests run the generic paths too
-  return force != nullptr && std::strcmp(force, "generic") == 0;
+// The paths a call may take: the best the CPU has, no AMX (GPT_CPU_ISA=avx512 or avx2), or the
+// generic ones (GPT_CPU_ISA=generic); the tests run each.
+enum Isa { kBest, kNoAmx, kGeneric };
+
+Isa forced_isa() {
+  const char* force = std::getenv("GPT_CPU_ISA");
+  if (force == nullptr || std::strcmp(force, "amx") == 0) return kBest;
+  return std::strcmp(force, "generic") == 0 ? kGeneric : kNoAmx;
 }
 
 #if GPT_X86
@@ -276,6 +311,112 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
     GPT_UNROLL for (int b = 0; b < NB; b++) s[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
+// int8 with AMX (Sapphire Rapids and later): a tile product multiplies 16 rows of W by 16 rows of
+// x over one block of 32 columns in one instruction (tdpbssd: signed bytes, exact int32 sums);
+// the block's sums then take their scales in AVX-512, as the VNNI kernel's do. A weight tile is
+// the matrix as stored (16 rows of 32 bytes, stride K); x's rows are packed once per product into
+// the layout the second operand wants (pack_tiles). Per 16 x 16 x 32 block: one tile product and
+// ~4 vector instructions per row of W, against ~6 per 64 weights per row of x with VNNI: the
+// products of several rows of x (batch decode, short prompts) cost little more than one row's.
+// Linux grants the tile registers' state only on request (arch_prctl), else the first tile
+// instruction is SIGILL.
+#define GPT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+
+// Tiles: 0-3 the int32 sums of 4 blocks (16 x 16 each), 4 and 6 weights (16 rows x 32 bytes), 5 and
+// 7 x (8 rows of 16 rows x 4 bytes).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 32, 64, 32, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 8, 16, 8};
+};
+
+// The tile products of blocks j..j+G-1 (G <= 4) into tiles 0..G-1, stored to sums[0..G-1].
+template <int G>
+GPT_AMX inline void tile_products(const int8_t* w, int64_t K, const int8_t* tiles, int64_t j, int32_t (*sums)[16][16]) {
+  _tile_zero(0);
+  _tile_loadd(4, w + j * QBLOCK, K);
+  _tile_loadd(5, tiles + j * 512, 64);
+  _tile_dpbssd(0, 4, 5);
+  if constexpr (G > 1) {
+    _tile_zero(1);
+    _tile_loadd(6, w + (j + 1) * QBLOCK, K);
+    _tile_loadd(7, tiles + (j + 1) * 512, 64);
+    _tile_dpbssd(1, 6, 7);
+  }
+  if constexpr (G > 2) {
+    _tile_zero(2);
+    _tile_loadd(4, w + (j + 2) * QBLOCK, K);
+    _tile_loadd(5, tiles + (j + 2) * 512, 64);
+    _tile_dpbssd(2, 4, 5);
+  }
+  if constexpr (G > 3) {
+    _tile_zero(3);
+    _tile_loadd(6, w + (j + 3) * QBLOCK, K);
+    _tile_loadd(7, tiles + (j + 3) * 512, 64);
+    _tile_dpbssd(3, 6, 7);
+  }
+  _tile_stored(0, sums[0], 64);
+  if constexpr (G > 1) _tile_stored(1, sums[1], 64);
+  if constexpr (G > 2) _tile_stored(2, sums[2], 64);
+  if constexpr (G > 3) _tile_stored(3, sums[3], 64);
+}
+
+GPT_AMX inline void tile_products(const int8_t* w, int64_t K, const int8_t* tiles, int64_t j, int64_t nblk,
+                                  int32_t (*sums)[16][16]) {
+  switch (std::min<int64_t>(4, nblk - j)) {
+    case 4: return tile_products<4>(w, K, tiles, j, sums);
+    case 3: return tile_products<3>(w, K, tiles, j, sums);
+    case 2: return tile_products<2>(w, K, tiles, j, sums);
+    default: return tile_products<1>(w, K, tiles, j, sums);
+  }
+}
+
+// acc[n] += the sums of blocks j..j+3 (fewer at the row's end) times dw[n][block] * dx[block]; dw
+// holds the weight scales of 16 blocks from a multiple of 16, refilled here when j reaches one.
+GPT_AMX inline void scale_products(const Matrix& m, int64_t n0, const float* tile_d, int64_t j, int64_t nblk,
+                                   int32_t (*sums)[16][16], float (*dw)[16], __m512* acc) {
+  for (int64_t g = 0; g < std::min<int64_t>(4, nblk - j); g++) {
+    if ((j + g) % 16 == 0) {
+      const __mmask16 kb = first_lanes(nblk - j - g);
+      for (int n = 0; n < 16; n++)
+        _mm512_store_ps(dw[n], _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kb, m.scale + (n0 + n) * nblk + j + g)));
+    }
+    const __m512 dx = _mm512_loadu_ps(tile_d + (j + g) * 16);
+    GPT_UNROLL for (int n = 0; n < 16; n++) {
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(dw[n][(j + g) % 16]), dx);
+      acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[g][n])), scale, acc[n]);
+    }
+  }
+}
+
+// s[n * 16 + b] = W[n0 + n, :] . x[16 t + b, :] for the 16 rows of W from n0 and the t-th 16 rows of x,
+// from x's packed tiles (their rows past B are zero); K a multiple of 32. The tile config is loaded.
+// One group of 4 blocks' products is in flight while the previous group takes its scales (a tile
+// product's latency is several times its issue interval; one block at a time ran ~2x slower).
+GPT_AMX void dot_unit_amx_int8(const Matrix& m, int64_t n0, const int8_t* tiles, const float* tile_d, float* s) {
+  const int64_t K = m.K, nblk = K / QBLOCK;
+  const int8_t* w = static_cast<const int8_t*>(m.w) + n0 * K;
+  __m512 acc[16];
+  GPT_UNROLL for (int n = 0; n < 16; n++) acc[n] = _mm512_setzero_ps();
+  alignas(64) int32_t sums[2][4][16][16];  // two groups of 4 blocks: one being scaled, one in flight
+  alignas(64) float dw[16][16];            // [row][block]
+  tile_products(w, K, tiles, 0, nblk, sums[0]);
+  int64_t j = 4;
+  for (; j < nblk; j += 4) {
+    tile_products(w, K, tiles, j, nblk, sums[(j / 4) % 2]);
+    scale_products(m, n0, tile_d, j - 4, nblk, sums[(j / 4 - 1) % 2], dw, acc);
+  }
+  scale_products(m, n0, tile_d, j - 4, nblk, sums[(j / 4 - 1) % 2], dw, acc);
+  GPT_UNROLL for (int n = 0; n < 16; n++) _mm512_storeu_ps(s + n * 16, acc[n]);
+}
+
+GPT_AMX void load_tile_config() {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+}
+
+GPT_AMX void release_tiles() { _tile_release(); }
+
 // quantize_row_generic's rule, 32 values at a time.
 GPT_AVX512 inline __m128i quantize16(__m512 v, __m512 inverse) {
   const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -313,8 +454,19 @@ bool has_vnni() {
   return has && has_avx512();
 }
 
-bool use_avx512() { return has_avx512() && !isa_forced_generic(); }
+bool has_amx() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, ...)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has && has_vnni();
+}
+
+bool use_avx512() { return has_avx512() && forced_isa() != kGeneric; }
 #else
+bool has_amx() { return false; }
 bool has_avx512() { return false; }
 bool has_vnni() { return false; }
 bool use_avx512() { return false; }
@@ -322,6 +474,7 @@ bool use_avx512() { return false; }
 
 using QuantizeRow = void (*)(const float*, int64_t, int8_t*, float*);
 using DotRows = void (*)(const Matrix&, int64_t, const Rows&, float*);
+using DotUnit = void (*)(const Matrix&, int64_t, const int8_t*, const float*, float*);
 
 template <class T, int R, int NB>
 DotRows pick_dot_rows(bool native) {
@@ -341,33 +494,39 @@ DotRows pick_dot_rows(bool native) {
 constexpr int kRows = 4, kBatch = 4;  // 16 accumulators of 16 floats: half the AVX-512 registers
 
 // One ISA's kernels for a kind of matrix: the product for R in {1, 4} rows of W and NB in 1..4
-// rows of x, f[R == 4][NB - 1], and the quantizer of x's rows (int8 matrices).
+// rows of x, f[R == 4][NB - 1], the quantizer of x's rows (int8 matrices), and the AMX product of
+// 16 rows of W by 16 of x (int8 matrices on CPUs with AMX, else null).
 struct DotTable {
   DotRows f[2][kBatch];
   QuantizeRow quantize;
+  DotUnit amx;
 };
 
 template <class T>
-DotTable dot_table(bool native) {
+DotTable dot_table(Isa isa) {
+  const bool native = isa != kGeneric;
 #if GPT_X86
   const QuantizeRow quantize = native && has_avx512() ? &quantize_row_avx512 : &quantize_row_generic;
+  const DotUnit amx = std::is_same<T, int8_t>::value && isa == kBest && has_amx() ? &dot_unit_amx_int8 : nullptr;
 #else
   const QuantizeRow quantize = &quantize_row_generic;
+  const DotUnit amx = nullptr;
 #endif
   return {{{pick_dot_rows<T, 1, 1>(native), pick_dot_rows<T, 1, 2>(native), pick_dot_rows<T, 1, 3>(native),
             pick_dot_rows<T, 1, 4>(native)},
            {pick_dot_rows<T, 4, 1>(native), pick_dot_rows<T, 4, 2>(native), pick_dot_rows<T, 4, 3>(native),
             pick_dot_rows<T, 4, 4>(native)}},
-          quantize};
+          quantize, amx};
 }
 
 // The kernels for a kind of matrix, picked once (GPT_CPU_ISA=generic is read per call instead:
 // the tests set it between calls).
-const DotTable& dot_table(Kind kind, bool generic) {
-  static const DotTable tables[2][3] = {
-      {dot_table<float>(true), dot_table<at::BFloat16>(true), dot_table<int8_t>(true)},
-      {dot_table<float>(false), dot_table<at::BFloat16>(false), dot_table<int8_t>(false)}};
-  return tables[generic][static_cast<int>(kind)];
+const DotTable& dot_table(Kind kind, Isa isa) {
+  static const DotTable tables[3][3] = {
+      {dot_table<float>(kBest), dot_table<at::BFloat16>(kBest), dot_table<int8_t>(kBest)},
+      {dot_table<float>(kNoAmx), dot_table<at::BFloat16>(kNoAmx), dot_table<int8_t>(kNoAmx)},
+      {dot_table<float>(kGeneric), dot_table<at::BFloat16>(kGeneric), dot_table<int8_t>(kGeneric)}};
+  return tables[isa][static_cast<int>(kind)];
 }
 
 // The KV cache holds float32, or bfloat16 (uint16_t bits) for bf16/int8 weights: half the bytes
@@ -460,33 +619,55 @@ constexpr int64_t kUnitRows = 16;
 template <Epilogue E>
 void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, QuantizedRows& quantized, float* out) {
   const int64_t N = m.N, K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK, units = (N + kUnitRows - 1) / kUnitRows;
+  const bool amx = m.kind == Kind::I8 && dots.amx && B >= kAmxMinRows && K % QBLOCK == 0;
+  const int64_t row_tiles = (B + 15) / 16;
   if (m.kind == Kind::I8) {
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++)
       dots.quantize(x + b * K, K, quantized.q.data() + b * K, quantized.d.data() + b * nblk);
+    if (amx) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < row_tiles * nblk; i++) pack_tile(quantized, B, K, i / nblk, i % nblk);
+    }
   }
+  const auto emit = [&](int64_t n, int64_t b, float s) {  // out[b, n] from the product s
+    const float v = s + (m.bias ? m.bias[n] : 0.0f);
+    float& o = out[b * N + n];
+    o = E == Epilogue::kAddToOut ? o + v : v;
+  };
+#if GPT_X86
+  if (amx) load_tile_config();
+#endif
 #pragma omp for schedule(guided)
   for (int64_t u = 0; u < units; u++) {
     const int64_t n0 = u * kUnitRows, n1 = std::min(n0 + kUnitRows, N);
-    for (int64_t n = n0; n < n1;) {
-      const int rows = n1 - n >= kRows ? kRows : 1;  // the matrix's last rows one at a time
-      for (int64_t b = 0; b < B; b += kBatch) {
-        const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b));
-        float s[kRows * kBatch];
-        const Rows rows_b{x + b * K, quantized.q.data() + b * K, quantized.d.data() + b * nblk};
-        dots.f[rows == kRows][nb - 1](m, n, rows_b, s);
-        for (int r = 0; r < rows; r++)
-          for (int j = 0; j < nb; j++) {
-            const float v = s[r * nb + j] + (m.bias ? m.bias[n + r] : 0.0f);
-            float& o = out[(b + j) * N + n + r];
-            o = E == Epilogue::kAddToOut ? o + v : v;
-          }
+    if (amx && n1 - n0 == kUnitRows) {  // (a last unit of fewer rows takes the VNNI products)
+      for (int64_t t = 0; t < row_tiles; t++) {
+        float s[16 * 16];  // [row of W][row of x]
+        dots.amx(m, n0, quantized.tiles.data() + t * nblk * 512, quantized.tile_d.data() + t * nblk * 16, s);
+        for (int64_t r = 0; r < 16; r++)
+          for (int64_t b = 16 * t; b < std::min(B, 16 * t + 16); b++) emit(n0 + r, b, s[r * 16 + b - 16 * t]);
       }
-      n += rows;
+    } else {
+      for (int64_t n = n0; n < n1;) {
+        const int rows = n1 - n >= kRows ? kRows : 1;  // the matrix's last rows one at a time
+        for (int64_t b = 0; b < B; b += kBatch) {
+          const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b));
+          float s[kRows * kBatch];
+          const Rows rows_b{x + b * K, quantized.q.data() + b * K, quantized.d.data() + b * nblk};
+          dots.f[rows == kRows][nb - 1](m, n, rows_b, s);
+          for (int r = 0; r < rows; r++)
+            for (int j = 0; j < nb; j++) emit(n + r, b + j, s[r * nb + j]);
+        }
+        n += rows;
+      }
     }
     if (E == Epilogue::kGelu)
       for (int64_t b = 0; b < B; b++) gelu_tanh_(out + b * N + n0, n1 - n0);
   }
+#if GPT_X86
+  if (amx) release_tiles();  // (the OS then need not save them at a context switch)
+#endif
 }
 
 // y[b, h*D:(h+1)*D] = softmax(q k^T / sqrt(D)) v over cache positions 0..pos, after writing this
@@ -520,7 +701,7 @@ struct Layer {
 };
 
 Layer layer(const at::Tensor* w, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t B, int64_t C, int64_t pos,
-            bool generic) {
+            Isa isa) {
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.is_contiguous() && cache_v.is_contiguous() &&
                   cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == cache_v.scalar_type() &&
                   (cache_k.scalar_type() == at::kFloat || cache_k.scalar_type() == at::kBFloat16),
@@ -541,8 +722,8 @@ Layer layer(const at::Tensor* w, const at::Tensor& cache_k, const at::Tensor& ca
   TORCH_CHECK(l.qkv.N == 3 * C && l.qkv.K == C && l.proj.N == C && l.proj.K == C && l.fc.K == C && l.out.N == C &&
                   l.out.K == l.fc.N,
               "decode_blocks: weight shapes do not match n_embd ", C);
-  l.dq = &dot_table(l.qkv.kind, generic), l.dp = &dot_table(l.proj.kind, generic);
-  l.df = &dot_table(l.fc.kind, generic), l.dm = &dot_table(l.out.kind, generic);
+  l.dq = &dot_table(l.qkv.kind, isa), l.dp = &dot_table(l.proj.kind, isa);
+  l.df = &dot_table(l.fc.kind, isa), l.dm = &dot_table(l.out.kind, isa);
   return l;
 }
 
@@ -558,14 +739,14 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
               "decode_blocks: expected ", N_WEIGHTS, " weight tensors and a cache_k, cache_v per layer, got ", w.size(),
               " and ", caches.size());
   const int64_t B = x.size(0), C = x.size(1);
-  const bool generic = isa_forced_generic();
+  const Isa isa = forced_isa();
   std::vector<Layer> layers;
   int64_t F = 0;  // the widest MLP
   for (int64_t i = 0; i < n_layer; i++) {
     const at::Tensor &k = caches[2 * i], &v = caches[2 * i + 1];
     TORCH_CHECK(k.sizes() == caches[0].sizes(), "decode_blocks: every layer's cache has one shape");
     TORCH_CHECK(k.scalar_type() == caches[0].scalar_type(), "decode_blocks: the caches are all float32 or all bfloat16");
-    layers.push_back(layer(w.data() + N_WEIGHTS * i, k, v, B, C, pos, generic));  // (v checked against k)
+    layers.push_back(layer(w.data() + N_WEIGHTS * i, k, v, B, C, pos, isa));  // (v checked against k)
     F = std::max(F, layers.back().fc.N);
   }
   const int64_t H = caches[0].size(1), L = caches[0].size(2), D = caches[0].size(3);
@@ -607,7 +788,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(m.K == x.size(1), "quantized_linear: x has ", x.size(1), " columns, the weight ", m.K);
   const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, m.N}, x.options());
-  const DotTable& dots = dot_table(m.kind, isa_forced_generic());
+  const DotTable& dots = dot_table(m.kind, forced_isa());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   QuantizedRows quantized(M, m.K);
