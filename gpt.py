@@ -1191,8 +1191,7 @@ QBLOCK = 32  # int8 weights per scale, along a row (the input dimension)
 # Up to this many rows (int8: with AMX tiles, without) a product runs in gpt::quantized_linear,
 # above as one bfloat16 GEMM. int8 products sum in integers on few rows: faster than
 # dequantizing the weight for a GEMM up to ~16 rows with VNNI, ~32 on AMX tiles.
-_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-_FEW_ROWS = {torch.bfloat16: 8, torch.int8: 32 if _AMX else 16}
+_FEW_ROWS = {torch.bfloat16: 8, torch.int8: 32 if torch.cpu._is_amx_tile_supported() else 16}
 
 
 def quantize_weight(w, dtype):

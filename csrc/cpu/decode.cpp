@@ -315,7 +315,7 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
 // x over one block of 32 columns in one instruction (tdpbssd: signed bytes, exact int32 sums);
 // the block's sums then take their scales in AVX-512, as the VNNI kernel's do. A weight tile is
 // the matrix as stored (16 rows of 32 bytes, stride K); x's rows are packed once per product into
-// the layout the second operand wants (pack_tiles). Per 16 x 16 x 32 block: one tile product and
+// the layout the second operand wants (pack_tile). Per 16 x 16 x 32 block: one tile product and
 // ~4 vector instructions per row of W, against ~6 per 64 weights per row of x with VNNI: the
 // products of several rows of x (batch decode, short prompts) cost little more than one row's.
 // Linux grants the tile registers' state only on request (arch_prctl), else the first tile
@@ -330,31 +330,21 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 8, 16, 8};
 };
 
+// Block j's tile product into tile c, the weights loaded into tile a, x into tile b. (Tile numbers
+// must be literals, not template parameters: the intrinsics paste them into the instruction.)
+#define GPT_TILE_PRODUCT(c, a, b, j)            \
+  _tile_zero(c);                                \
+  _tile_loadd(a, w + (j) * QBLOCK, K);          \
+  _tile_loadd(b, tiles + (j) * 512, 64);        \
+  _tile_dpbssd(c, a, b)
+
 // The tile products of blocks j..j+G-1 (G <= 4) into tiles 0..G-1, stored to sums[0..G-1].
 template <int G>
 GPT_AMX inline void tile_products(const int8_t* w, int64_t K, const int8_t* tiles, int64_t j, int32_t (*sums)[16][16]) {
-  _tile_zero(0);
-  _tile_loadd(4, w + j * QBLOCK, K);
-  _tile_loadd(5, tiles + j * 512, 64);
-  _tile_dpbssd(0, 4, 5);
-  if constexpr (G > 1) {
-    _tile_zero(1);
-    _tile_loadd(6, w + (j + 1) * QBLOCK, K);
-    _tile_loadd(7, tiles + (j + 1) * 512, 64);
-    _tile_dpbssd(1, 6, 7);
-  }
-  if constexpr (G > 2) {
-    _tile_zero(2);
-    _tile_loadd(4, w + (j + 2) * QBLOCK, K);
-    _tile_loadd(5, tiles + (j + 2) * 512, 64);
-    _tile_dpbssd(2, 4, 5);
-  }
-  if constexpr (G > 3) {
-    _tile_zero(3);
-    _tile_loadd(6, w + (j + 3) * QBLOCK, K);
-    _tile_loadd(7, tiles + (j + 3) * 512, 64);
-    _tile_dpbssd(3, 6, 7);
-  }
+  GPT_TILE_PRODUCT(0, 4, 5, j);
+  if constexpr (G > 1) { GPT_TILE_PRODUCT(1, 6, 7, j + 1); }
+  if constexpr (G > 2) { GPT_TILE_PRODUCT(2, 4, 5, j + 2); }
+  if constexpr (G > 3) { GPT_TILE_PRODUCT(3, 6, 7, j + 3); }
   _tile_stored(0, sums[0], 64);
   if constexpr (G > 1) _tile_stored(1, sums[1], 64);
   if constexpr (G > 2) _tile_stored(2, sums[2], 64);
@@ -392,7 +382,7 @@ GPT_AMX inline void scale_products(const Matrix& m, int64_t n0, const float* til
 // s[n * 16 + b] = W[n0 + n, :] . x[16 t + b, :] for the 16 rows of W from n0 and the t-th 16 rows of x,
 // from x's packed tiles (their rows past B are zero); K a multiple of 32. The tile config is loaded.
 // One group of 4 blocks' products is in flight while the previous group takes its scales (a tile
-// product's latency is several times its issue interval; one block at a time ran ~2x slower).
+// product's latency is several times its issue interval; one block at a time ran ~20% slower).
 GPT_AMX void dot_unit_amx_int8(const Matrix& m, int64_t n0, const int8_t* tiles, const float* tile_d, float* s) {
   const int64_t K = m.K, nblk = K / QBLOCK;
   const int8_t* w = static_cast<const int8_t*>(m.w) + n0 * K;
