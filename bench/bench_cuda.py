@@ -1,8 +1,8 @@
 """Speed on a CUDA GPU (issue 13, item 4); every benchmark skips, saying why, where torch sees none.
-Measured once, on a lent H100 80GB (torch 2.11.0+cu130, `bash bench/on_gpu.sh bench`): train step
-47.0 ms on the torch backend, 283 ms on ext (our float32 attention is 78% of that step's GPU time;
-under auto the kernel check picks SDPA there); generate 519 ms (torch) and 521 ms (ext), both bound
-by per-token launches.
+Measured on a lent H100 80GB (torch 2.11.0+cu130, `bash bench/on_gpu.sh bench`, 2026-11-23): train
+step 44.2 ms on the torch backend, 258.9 ms on ext (our float32 attention was 78% of that step's GPU
+time in the first sitting; under auto the kernel check picks SDPA there); generate 456 ms (ext) and
+591 ms (torch) in one run, 408 and 367 ms in another: both bound by per-token launches.
 
     pytest bench/bench_cuda.py --benchmark-only        # GPT_PEAK_TFLOPS=989 adds MFU (H100 bf16 dense)
 
