@@ -1181,10 +1181,11 @@ def decode_blocks(blocks, x, kv_cache, pos):
 # it, int8 with a float16 scale per 32 weights of a row (llama.cpp's Q8_0: 8.5 bits a weight)
 # about quarters it. quantize(model, dtype) stores every matrix that way once, embeddings and the
 # LM head included; LayerNorms and biases stay float32. A few rows at a time (decoding), bf16
-# products keep float32 activations and sums, int8 products quantize the activations per block of
-# 32 too and sum each block exactly in integers (as llama.cpp's Q8_0; int8_linear_reference; on
-# AMX tiles from 5 rows, where present); many rows at once (the prompt) run as one bfloat16 GEMM
-# per layer (oneDNN; AMX where present).
+# products round the activations to bf16 and sum in float32 (as torch's bf16 matmul and llama.cpp
+# do), int8 products quantize the activations per block of 32 too and sum each block exactly in
+# integers (as llama.cpp's Q8_0; int8_linear_reference); both on AMX tiles from 5 rows, where
+# present. Many rows at once (the prompt) run as one bfloat16 GEMM per layer (oneDNN; AMX where
+# present).
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 QBLOCK = 32  # int8 weights per scale, along a row (the input dimension)
@@ -1282,8 +1283,8 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.gpt.quantized_linear(x2d.float().contiguous(), self.qweight, self.scale, bias)
         elif self.qweight.dtype == torch.int8:  # the kernel's reference: int8 activations too
             y = int8_linear_reference(x2d.float(), self.qweight, self.scale, self.bias)
-        else:  # the kernel's reference: float32 activations, the dequantized weight
-            y = F.linear(x2d.float(), self.weight, self.bias)
+        else:  # the kernel's reference: activations rounded to bf16, float32 sums
+            y = F.linear(x2d.bfloat16().float(), self.weight, self.bias)
         return y.view(*x.shape[:-1], -1)
 
 

@@ -5,12 +5,14 @@ multiple of the kernel's 4-row and 64-row blocks, widths not a multiple of 16 or
 int8 block), batch > 1 (and > 4, the kernel's batch group), the first and the last cache slot.
 
 Weights stored bfloat16 are compared with the torch path of the same block holding the
-dequantized float32 weights, int8 weights with the torch path of the stored block (which
-quantizes the activations per block of 32 as the kernel does): both sides then compute the same
-function, so the tolerance is float32's (1e-5), not the quantization error's; with a bfloat16
-KV cache (what bf16 and int8 weights decode with) both sides read the same rounded cache. Every
-test runs on the CPU's best path (int8 products of 5 or more rows on AMX tiles where present),
-on AVX-512 without AMX (GPT_CPU_ISA=avx512) and on the generic one (GPT_CPU_ISA=generic)."""
+dequantized float32 weights, each matrix's input rounded to bf16 as the kernel rounds it; int8
+weights with the torch path of the stored block (which quantizes the activations per block of 32
+as the kernel does): both sides then compute the same function, so the tolerance is float32's
+(1e-5), not the rounding's; with a
+bfloat16 KV cache (what bf16 and int8 weights decode with) both sides read the same rounded cache.
+Every test runs on the CPU's best path (bf16 and int8 products of 5 or more rows on AMX tiles
+where present), on AVX-512 without AMX (GPT_CPU_ISA=avx512) and on the generic one
+(GPT_CPU_ISA=generic)."""
 import copy
 
 import pytest
@@ -21,7 +23,7 @@ import gpt
 
 @pytest.fixture(params=["best", "avx512", "generic"])
 def isa(request, monkeypatch):
-    """The CPU's best products (AMX tiles for int8 where present), AVX-512 without AMX, generic."""
+    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, generic."""
     if request.param != "best":
         monkeypatch.setenv("GPT_CPU_ISA", request.param)
     return request.param
@@ -39,8 +41,10 @@ def random_block(n_head, n_embd, block_size, qkv_bias, scale=1.0, seed=0, config
 
 def stored_and_reference(block, dtype):
     """(block with its matrices stored in dtype, its reference): for bfloat16, a float32 block holding
-    the dequantized weights; for int8, the stored block itself, whose torch path quantizes the
-    activations as the kernel does (gpt.int8_linear_reference)."""
+    the dequantized weights whose matrices round their input to bf16 (what the kernel multiplies);
+    for int8, the stored block itself, whose torch path quantizes the activations as the kernel
+    does (gpt.int8_linear_reference). (The stored bf16 block's own torch path would not do: above 8
+    rows it is the prompt's bf16 GEMM, whose output is bf16.)"""
     stored = copy.deepcopy(block)
     for module in list(stored.modules()):
         for name, child in list(module.named_children()):
@@ -53,6 +57,7 @@ def stored_and_reference(block, dtype):
         for (name, linear), (_, q) in zip(reference.named_modules(), stored.named_modules()):
             if isinstance(q, gpt.QuantizedLinear):
                 linear.weight.copy_(q.weight)
+                linear.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
     return stored, reference
 
 

@@ -1,6 +1,6 @@
 """Weights stored in bfloat16 or int8 (gpt.quantize): the int8 rule (C++ against its torch
 reference, bit for bit, and the error bound it promises), gpt::quantized_linear against F.linear
-of the dequantized weight (float32 tolerance), what quantize converts and keeps, the prompt's
+of the dequantized weight on the activations as the kernel takes them (float32 tolerance), what quantize converts and keeps, the prompt's
 bfloat16 GEMMs, generation from stored weights on both backends, how close bf16 and int8 stay
 to float32 (tokens, perplexity), and generate's inputs (list, 1-D, 2-D)."""
 import pytest
@@ -12,7 +12,7 @@ import gpt
 
 @pytest.fixture(params=["best", "avx512", "generic"])
 def isa(request, monkeypatch):
-    """The CPU's best products (AMX tiles for int8 where present), AVX-512 without AMX, generic."""
+    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, generic."""
     if request.param != "best":
         monkeypatch.setenv("GPT_CPU_ISA", request.param)
     return request.param
@@ -62,7 +62,7 @@ def test_int8_refuses_weights_it_cannot_store(ext, bad):
 @pytest.mark.parametrize("M,N,K,bias", [(1, 1, 1, True), (1, 67, 85, False), (3, 5, 33, True), (5, 130, 64, True),
                                         (8, 9, 17, False),
                                         (2, 37, 1061, True),  # 34 blocks: scales converted 16 at a time, a 5-wide tail
-                                        # int8 on AMX tiles where present: 16-row units and a tail, rows of x
+                                        # bf16, int8 on AMX tiles where present: 16-row units and a tail, rows of x
                                         # 16 and 33 (one and three tiles), 34 blocks (groups of 4, 2 left)
                                         (16, 48, 96, True), (33, 67, 1088, True), (5, 16, 32, False)])
 def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K, bias):
@@ -73,8 +73,9 @@ def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K,
     got = torch.ops.gpt.quantized_linear(x, stored, scale, b if bias else torch.empty(0))
     if dtype == "int8":  # x quantized too: exact integer block sums, then the scales
         expected = gpt.int8_linear_reference(x, stored, scale, b)
-    else:
-        expected = F.linear(x, gpt.dequantize_weight(stored, scale), b)
+    else:  # bf16: x rounded to bf16 too, float32 sums
+        x_as_taken = x.bfloat16().float() if dtype == "bfloat16" else x
+        expected = F.linear(x_as_taken, gpt.dequantize_weight(stored, scale), b)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
@@ -167,7 +168,8 @@ def model_float32_state(model):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_generation_from_stored_weights_is_the_same_on_both_backends(ext, dtype):
     """Greedy, batch 3 with one slide past block_size: the ext decode kernels against the torch
-    path (float32 activations, dequantized weights; the prompt's GEMMs identical)."""
+    path (QuantizedLinear's fallback: the activations taken as the kernels take them; the prompt's
+    GEMMs identical)."""
     model = gpt.quantize(tiny_model(False), dtype)
     with torch.no_grad():
         for m in model.modules():  # louder weights: argmaxes far from ties

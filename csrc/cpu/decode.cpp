@@ -13,16 +13,18 @@
 //
 // The matrices are stored float32, bfloat16, or int8 with a float16 scale per 32 weights along
 // a row (llama.cpp's Q8_0 layout: w[n, k] = q[n, k] * scale[n, k / 32]). float32 and bfloat16
-// products read the weights as stored, widen them to float32 in registers and keep float32
-// activations and sums, so a bf16 matrix costs only its bytes. An int8 product quantizes the
-// activations per block of 32 as well and sums each block exactly in integers (VNNI where the
-// CPU has it), as llama.cpp does for Q8_0: widening int8 weights costs too many instructions to
-// keep up with memory; from 5 rows of x (batch decode, short prompts) an int8 product runs on AMX
-// tiles where the CPU has them, 16 rows of W by 16 of x per block. gpt::quantized_linear is the
-// same product alone, for the LM head and short prompts. Builds of the products: AMX (int8),
-// AVX-512 (intrinsics, AVX512-VNNI for int8), picked at run time, and a generic one; GPT_CPU_ISA
-// =avx512 leaves AMX out, =generic forces the generic one (for tests). All compute the same block
-// sums.
+// products read the weights as stored and widen them to float32 in registers, so a bf16 matrix
+// costs only its bytes; float32 sums. A bf16 product takes the activations rounded to bf16 (as
+// torch's bf16 matmul and llama.cpp do), so that every path computes the same products. An int8
+// product quantizes the activations per block of 32 as well and sums each block exactly in
+// integers (VNNI where the CPU has it), as llama.cpp does for Q8_0: widening int8 weights costs
+// too many instructions to keep up with memory. From 5 rows of x (batch decode, short prompts)
+// bf16 and int8 products run on AMX tiles where the CPU has them, 16 rows of W by 16 of x per
+// block of 32 columns: the widening FMAs of 8 rows of x made a bf16 product ~1.4x slower than
+// reading its weights. gpt::quantized_linear is the same product alone, for the LM head and short
+// prompts. Builds of the products: AMX (AMX-INT8, AMX-BF16), AVX-512 (intrinsics, AVX512-VNNI for
+// int8), picked at run time, and a generic one; GPT_CPU_ISA=avx512 leaves AMX out, =generic
+// forces the generic one (for tests). All compute the same block sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -117,27 +119,31 @@ struct Rows {
   const float* d;
 };
 
-// Room for B rows of up to K columns quantized (int8 matrices' products).
-// With AMX they are also packed as tile products read them (pack_tile): per 16 rows t of x and
-// block j, tiles[(t * nblk + j) * 512 ...] and the 16 rows' scales tile_d[(t * nblk + j) * 16 ...].
-constexpr int64_t kAmxMinRows = 5;  // rows of x from which an int8 product takes the AMX kernel
+// Room for B rows of x (up to K columns) as a product reads them: quantized (q, d) for an int8
+// matrix, rounded to bf16 (`rounded`, float32 values) for a bf16 one. With AMX they are also packed
+// as tile products read them (pack_tile, pack_tile_bf16): per 16 rows t of x and block j of 32
+// columns, tiles[(t * nblk + j) * 512 ...] and the 16 rows' scales tile_d[(t * nblk + j) * 16 ...]
+// (int8), tiles_bf16[(t * nblk + j) * 512 ...] (bf16).
+constexpr int64_t kAmxMinRows = 5;  // rows of x from which a product takes the AMX kernel
 
-struct QuantizedRows {
+struct XRows {
   std::vector<int8_t> q;
-  std::vector<float> d;
+  std::vector<float> d, rounded;
   std::vector<int8_t> tiles;
   std::vector<float> tile_d;
-  QuantizedRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)) {
-    const int64_t padded = B >= kAmxMinRows ? (B + 15) / 16 * 16 : 0;
-    tiles.resize(padded * ((K + QBLOCK - 1) / QBLOCK) * QBLOCK);
-    tile_d.resize(padded * ((K + QBLOCK - 1) / QBLOCK));
+  std::vector<uint16_t> tiles_bf16;
+  XRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)), rounded(B * K) {
+    const int64_t padded = B >= kAmxMinRows ? (B + 15) / 16 * 16 : 0, nblk = (K + QBLOCK - 1) / QBLOCK;
+    tiles.resize(padded * nblk * QBLOCK);
+    tile_d.resize(padded * nblk);
+    tiles_bf16.resize(padded * nblk * QBLOCK);
   }
 };
 
 // Block j of the t-th 16 rows of x (B rows quantized, K a multiple of 32) as the second operand of
 // a tile product: 8 rows of 64 bytes, row i holding columns 4i..4i+3 of each of the 16 rows (zero
 // past B), then the 16 rows' scales of the block.
-void pack_tile(QuantizedRows& x, int64_t B, int64_t K, int64_t t, int64_t j) {
+void pack_tile(XRows& x, int64_t B, int64_t K, int64_t t, int64_t j) {
   const int64_t nblk = K / QBLOCK;
   int8_t* tile = x.tiles.data() + (t * nblk + j) * 512;
   float* d = x.tile_d.data() + (t * nblk + j) * 16;
@@ -146,6 +152,25 @@ void pack_tile(QuantizedRows& x, int64_t B, int64_t K, int64_t t, int64_t j) {
     d[b] = row < B ? x.d[row * nblk + j] : 0.0f;
     for (int64_t i = 0; i < QBLOCK; i++) tile[(i / 4) * 64 + b * 4 + i % 4] = row < B ? x.q[row * K + j * QBLOCK + i] : 0;
   }
+}
+
+// The same for a bf16 product (x.rounded, K a multiple of 32): 16 rows of 64 bytes, row i holding
+// columns 2i, 2i+1 of each of the 16 rows of x as bf16 (zero past B).
+void pack_tile_bf16(XRows& x, int64_t B, int64_t K, int64_t t, int64_t j) {
+  uint16_t* tile = x.tiles_bf16.data() + (t * (K / QBLOCK) + j) * 512;
+  for (int64_t b = 0; b < 16; b++) {
+    const int64_t row = 16 * t + b;
+    for (int64_t i = 0; i < QBLOCK; i++)
+      tile[(i / 2) * 32 + b * 2 + i % 2] = row < B ? float_to_bf16(x.rounded[row * K + j * QBLOCK + i]) : 0;
+  }
+}
+
+// A bf16 product's view of x: each value rounded to bf16 (to nearest even), as torch's bf16
+// matmul and llama.cpp's bf16 products take it; the sums stay float32.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void round_row_bf16(const float* x, int64_t K, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < K; i++) out[i] = bf16_to_float(float_to_bf16(x[i]));
 }
 
 // One row x (K) -> q (K), d (one per block of 32).
@@ -320,15 +345,17 @@ GPT_VNNI void dot_rows_vnni_int8(const Matrix& m, int64_t n, const Rows& x, floa
 // products of several rows of x (batch decode, short prompts) cost little more than one row's.
 // Linux grants the tile registers' state only on request (arch_prctl), else the first tile
 // instruction is SIGILL.
-#define GPT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+#define GPT_AMX __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 
-// Tiles: 0-3 the int32 sums of 4 blocks (16 x 16 each), 4 and 6 weights (16 rows x 32 bytes), 5 and
-// 7 x (8 rows of 16 rows x 4 bytes).
+// Tiles: 0-3 the sums of 4 blocks (16 x 16 int32 or float32 each), 4 and 6 weights (16 rows of 32
+// int8 or bf16), 5 and 7 x (int8: 8 rows of 16 rows x 4 bytes; bf16: 16 rows of 16 rows x 2 bf16).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 32, 64, 32, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 8, 16, 8};
+  uint16_t colsb[16];
+  uint8_t rows[16];
 };
+const TileConfig kTilesInt8{1, 0, {}, {64, 64, 64, 64, 32, 64, 32, 64}, {16, 16, 16, 16, 16, 8, 16, 8}};
+const TileConfig kTilesBf16{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
 // Block j's tile product into tile c, the weights loaded into tile a, x into tile b. (Tile numbers
 // must be literals, not template parameters: the intrinsics paste them into the instruction.)
@@ -380,12 +407,14 @@ GPT_AMX inline void scale_products(const Matrix& m, int64_t n0, const float* til
 }
 
 // s[n * 16 + b] = W[n0 + n, :] . x[16 t + b, :] for the 16 rows of W from n0 and the t-th 16 rows of x,
-// from x's packed tiles (their rows past B are zero); K a multiple of 32. The tile config is loaded.
+// from x's packed tiles (their rows past B are zero); K a multiple of 32. kTilesInt8 is loaded.
 // One group of 4 blocks' products is in flight while the previous group takes its scales (a tile
 // product's latency is several times its issue interval; one block at a time ran ~20% slower).
-GPT_AMX void dot_unit_amx_int8(const Matrix& m, int64_t n0, const int8_t* tiles, const float* tile_d, float* s) {
+GPT_AMX void dot_unit_amx_int8(const Matrix& m, int64_t n0, const XRows& x, int64_t t, float* s) {
   const int64_t K = m.K, nblk = K / QBLOCK;
   const int8_t* w = static_cast<const int8_t*>(m.w) + n0 * K;
+  const int8_t* tiles = x.tiles.data() + t * nblk * 512;
+  const float* tile_d = x.tile_d.data() + t * nblk * 16;
   __m512 acc[16];
   GPT_UNROLL for (int n = 0; n < 16; n++) acc[n] = _mm512_setzero_ps();
   alignas(64) int32_t sums[2][4][16][16];  // two groups of 4 blocks: one being scaled, one in flight
@@ -400,10 +429,44 @@ GPT_AMX void dot_unit_amx_int8(const Matrix& m, int64_t n0, const int8_t* tiles,
   GPT_UNROLL for (int n = 0; n < 16; n++) _mm512_storeu_ps(s + n * 16, acc[n]);
 }
 
-GPT_AMX void load_tile_config() {
-  static const TileConfig config;
-  _tile_loadconfig(&config);
+// bf16 (AMX-BF16): tdpbf16ps multiplies 16 rows of W by 16 rows of x (rounded to bf16, packed by
+// pack_tile_bf16) over a block of 32 columns into float32 sums. No scales: each of tiles 0-3 sums
+// every fourth block across the whole row (4 products in flight), and the 4 are added at the end.
+// kTilesBf16 is loaded; s as for int8.
+#define GPT_TILE_PRODUCT_BF16(c, a, b, j)             \
+  _tile_loadd(a, w + (j) * QBLOCK, K * 2);            \
+  _tile_loadd(b, tiles + (j) * 512, 64);              \
+  _tile_dpbf16ps(c, a, b)
+
+GPT_AMX void dot_unit_amx_bf16(const Matrix& m, int64_t n0, const XRows& x, int64_t t, float* s) {
+  const int64_t K = m.K, nblk = K / QBLOCK;
+  const uint16_t* w = static_cast<const uint16_t*>(m.w) + n0 * K;
+  const uint16_t* tiles = x.tiles_bf16.data() + t * nblk * 512;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  int64_t j = 0;
+  for (; j + 4 <= nblk; j += 4) {
+    GPT_TILE_PRODUCT_BF16(0, 4, 5, j);
+    GPT_TILE_PRODUCT_BF16(1, 6, 7, j + 1);
+    GPT_TILE_PRODUCT_BF16(2, 4, 5, j + 2);
+    GPT_TILE_PRODUCT_BF16(3, 6, 7, j + 3);
+  }
+  for (; j < nblk; j++) { GPT_TILE_PRODUCT_BF16(0, 4, 5, j); }
+  alignas(64) float sums[4][16][16];
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+  _tile_stored(3, sums[3], 64);
+  GPT_UNROLL for (int n = 0; n < 16; n++) {
+    const __m512 a = _mm512_add_ps(_mm512_load_ps(sums[0][n]), _mm512_load_ps(sums[1][n]));
+    const __m512 b = _mm512_add_ps(_mm512_load_ps(sums[2][n]), _mm512_load_ps(sums[3][n]));
+    _mm512_storeu_ps(s + n * 16, _mm512_add_ps(a, b));
+  }
 }
+
+GPT_AMX void load_tile_config(Kind kind) { _tile_loadconfig(kind == Kind::I8 ? &kTilesInt8 : &kTilesBf16); }
 
 GPT_AMX void release_tiles() { _tile_release(); }
 
@@ -454,9 +517,18 @@ bool has_amx() {
   return has && has_vnni();
 }
 
+bool has_amx_bf16() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22));  // AMX-BF16
+  }();
+  return has && has_amx();
+}
+
 bool use_avx512() { return has_avx512() && forced_isa() != kGeneric; }
 #else
 bool has_amx() { return false; }
+bool has_amx_bf16() { return false; }
 bool has_avx512() { return false; }
 bool has_vnni() { return false; }
 bool use_avx512() { return false; }
@@ -464,7 +536,7 @@ bool use_avx512() { return false; }
 
 using QuantizeRow = void (*)(const float*, int64_t, int8_t*, float*);
 using DotRows = void (*)(const Matrix&, int64_t, const Rows&, float*);
-using DotUnit = void (*)(const Matrix&, int64_t, const int8_t*, const float*, float*);
+using DotUnit = void (*)(const Matrix&, int64_t, const XRows&, int64_t, float*);
 
 template <class T, int R, int NB>
 DotRows pick_dot_rows(bool native) {
@@ -485,7 +557,7 @@ constexpr int kRows = 4, kBatch = 4;  // 16 accumulators of 16 floats: half the 
 
 // One ISA's kernels for a kind of matrix: the product for R in {1, 4} rows of W and NB in 1..4
 // rows of x, f[R == 4][NB - 1], the quantizer of x's rows (int8 matrices), and the AMX product of
-// 16 rows of W by 16 of x (int8 matrices on CPUs with AMX, else null).
+// 16 rows of W by 16 of x (int8 and bf16 matrices on CPUs with AMX, else null).
 struct DotTable {
   DotRows f[2][kBatch];
   QuantizeRow quantize;
@@ -497,7 +569,9 @@ DotTable dot_table(Isa isa) {
   const bool native = isa != kGeneric;
 #if GPT_X86
   const QuantizeRow quantize = native && has_avx512() ? &quantize_row_avx512 : &quantize_row_generic;
-  const DotUnit amx = std::is_same<T, int8_t>::value && isa == kBest && has_amx() ? &dot_unit_amx_int8 : nullptr;
+  DotUnit amx = nullptr;
+  if (isa == kBest && std::is_same<T, int8_t>::value && has_amx()) amx = &dot_unit_amx_int8;
+  if (isa == kBest && std::is_same<T, at::BFloat16>::value && has_amx_bf16()) amx = &dot_unit_amx_bf16;
 #else
   const QuantizeRow quantize = &quantize_row_generic;
   const DotUnit amx = nullptr;
@@ -602,23 +676,31 @@ enum class Epilogue { kStore, kGelu, kAddToOut };
 // (Fixed 64-row chunks taken in turn broke each thread's stream every 49-393 KB and could leave
 // one thread waiting ~30 us at a matrix's end: guided is 3% (fp32), 11% (bf16) and 7% (int8)
 // faster per token at 124M.) Each row of W is read from memory once for all B rows of x (groups
-// of 4 rows stay in L1 while up to 4 rows of x at a time pass over them). For an int8 matrix the
-// threads first quantize x's rows into `quantized` (the loop's barrier then publishes them).
+// of 4 rows stay in L1 while up to 4 rows of x at a time pass over them). For an int8 or bf16
+// matrix the threads first prepare x's rows in `xr` (quantized or rounded, packed for the tiles;
+// the loop's barrier then publishes them).
 constexpr int64_t kUnitRows = 16;
 
 template <Epilogue E>
-void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, QuantizedRows& quantized, float* out) {
+void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, XRows& xr, float* out) {
   const int64_t N = m.N, K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK, units = (N + kUnitRows - 1) / kUnitRows;
-  const bool amx = m.kind == Kind::I8 && dots.amx && B >= kAmxMinRows && K % QBLOCK == 0;
+  const bool amx = m.kind != Kind::F32 && dots.amx && B >= kAmxMinRows && K % QBLOCK == 0;
   const int64_t row_tiles = (B + 15) / 16;
   if (m.kind == Kind::I8) {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++)
-      dots.quantize(x + b * K, K, quantized.q.data() + b * K, quantized.d.data() + b * nblk);
+    for (int64_t b = 0; b < B; b++) dots.quantize(x + b * K, K, xr.q.data() + b * K, xr.d.data() + b * nblk);
     if (amx) {
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < row_tiles * nblk; i++) pack_tile(quantized, B, K, i / nblk, i % nblk);
+      for (int64_t i = 0; i < row_tiles * nblk; i++) pack_tile(xr, B, K, i / nblk, i % nblk);
     }
+  } else if (m.kind == Kind::BF16) {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) round_row_bf16(x + b * K, K, xr.rounded.data() + b * K);
+    if (amx) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < row_tiles * nblk; i++) pack_tile_bf16(xr, B, K, i / nblk, i % nblk);
+    }
+    x = xr.rounded.data();
   }
   const auto emit = [&](int64_t n, int64_t b, float s) {  // out[b, n] from the product s
     const float v = s + (m.bias ? m.bias[n] : 0.0f);
@@ -626,7 +708,7 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, Qu
     o = E == Epilogue::kAddToOut ? o + v : v;
   };
 #if GPT_X86
-  if (amx) load_tile_config();
+  if (amx) load_tile_config(m.kind);
 #endif
 #pragma omp for schedule(guided)
   for (int64_t u = 0; u < units; u++) {
@@ -634,7 +716,7 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, Qu
     if (amx && n1 - n0 == kUnitRows) {  // (a last unit of fewer rows takes the VNNI products)
       for (int64_t t = 0; t < row_tiles; t++) {
         float s[16 * 16];  // [row of W][row of x]
-        dots.amx(m, n0, quantized.tiles.data() + t * nblk * 512, quantized.tile_d.data() + t * nblk * 16, s);
+        dots.amx(m, n0, xr, t, s);
         for (int64_t r = 0; r < 16; r++)
           for (int64_t b = 16 * t; b < std::min(B, 16 * t + 16); b++) emit(n0 + r, b, s[r * 16 + b - 16 * t]);
       }
@@ -644,7 +726,7 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, Qu
         for (int64_t b = 0; b < B; b += kBatch) {
           const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b));
           float s[kRows * kBatch];
-          const Rows rows_b{x + b * K, quantized.q.data() + b * K, quantized.d.data() + b * nblk};
+          const Rows rows_b{x + b * K, xr.q.data() + b * K, xr.d.data() + b * nblk};
           dots.f[rows == kRows][nb - 1](m, n, rows_b, s);
           for (int r = 0; r < rows; r++)
             for (int j = 0; j < nb; j++) emit(n + r, b + j, s[r * nb + j]);
@@ -747,23 +829,23 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
   at::Tensor y = at::empty({B, C}, x.options()), f = at::empty({B, F}, x.options());
   float *o = out.data_ptr<float>(), *hp = h.data_ptr<float>(), *qp = qkv.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *fp = f.data_ptr<float>();
-  QuantizedRows quantized(B, F);  // (F, the widest input)
+  XRows xr(B, F);  // (F, the widest input)
   // One parallel region for all the blocks: their phases are separated by barriers (each `omp for`
   // and `omp single` ends with one), ~1 us, where a region per product would cost a fork/join each.
 #pragma omp parallel num_threads(at::get_num_threads())
   for (const Layer& l : layers) {
 #pragma omp single
     layer_norm(o, B, C, l.ln1_w, l.ln1_b, hp);
-    linear<Epilogue::kStore>(hp, B, l.qkv, *l.dq, quantized, qp);
+    linear<Epilogue::kStore>(hp, B, l.qkv, *l.dq, xr, qp);
     if (bf16_cache)
       attend(qp, B, H, D, static_cast<uint16_t*>(l.cache_k), static_cast<uint16_t*>(l.cache_v), L, pos, yp);
     else
       attend(qp, B, H, D, static_cast<float*>(l.cache_k), static_cast<float*>(l.cache_v), L, pos, yp);
-    linear<Epilogue::kAddToOut>(yp, B, l.proj, *l.dp, quantized, o);
+    linear<Epilogue::kAddToOut>(yp, B, l.proj, *l.dp, xr, o);
 #pragma omp single
     layer_norm(o, B, C, l.ln2_w, l.ln2_b, hp);
-    linear<Epilogue::kGelu>(hp, B, l.fc, *l.df, quantized, fp);
-    linear<Epilogue::kAddToOut>(fp, B, l.out, *l.dm, quantized, o);
+    linear<Epilogue::kGelu>(hp, B, l.fc, *l.df, xr, fp);
+    linear<Epilogue::kAddToOut>(fp, B, l.out, *l.dm, xr, o);
   }
   return out;
 }
@@ -781,9 +863,9 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const DotTable& dots = dot_table(m.kind, forced_isa());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  QuantizedRows quantized(M, m.K);
+  XRows xr(M, m.K);
 #pragma omp parallel num_threads(at::get_num_threads())
-  linear<Epilogue::kStore>(xp, M, m, dots, quantized, op);
+  linear<Epilogue::kStore>(xp, M, m, dots, xr, op);
   return out;
 }
 
