@@ -331,6 +331,17 @@ def test_greedy_kv_cache_equals_no_cache(backend, B, T, n, block_size):
     assert got.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("T,n,length", [(5, 8, 12), (1, 1, 1), (10, 30, 16), (20, 3, 16)])
+def test_kv_cache_holds_only_the_positions_generation_reaches(monkeypatch, T, n, length):
+    # prompt (cropped to block_size) + n - 1 fed tokens, at most block_size (then it slides)
+    model, lengths = tiny_model(16), []
+    new_kv_cache = model.new_kv_cache
+    monkeypatch.setattr(model, "new_kv_cache", lambda B, L=None: lengths.append(L) or new_kv_cache(B, L))
+    gpt.generate(model, torch.zeros(2, T, dtype=torch.long), n)
+    assert lengths == [length]
+    assert model.new_kv_cache(2)[0][0].shape == (2, 4, 16, 16)  # default: block_size
+
+
 @pytest.mark.parametrize("B,T,n,kw", [
     (1, 6, 25, dict(temperature=1.0)),
     (3, 10, 30, dict(temperature=0.8, top_k=10)),
