@@ -3207,6 +3207,7 @@ def cmd_sample(args):
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     if args.temperature > 0:  # first, so that an interrupted run can be repeated too; greedy draws nothing
         print(f"(seed {seed})", file=sys.stderr, flush=True)
+    print(f"weights: {args.dtype} (--dtype: {', '.join(INFERENCE_DTYPES)})", file=sys.stderr, flush=True)
     eos_id = None if args.no_stop_at_eot else EOT_ID
     stream = args.num_samples == 1 and not args.no_stream
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

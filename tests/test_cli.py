@@ -51,9 +51,11 @@ def test_sample_is_reproducible_with_a_seed(trained):
     first, second = run(*args).stdout, run(*args).stdout
     assert first == second and first.startswith("ROMEO:\n") and len(first) > len("ROMEO:\n")
     assert run(*args[:-4], "--seed", 8, "--top_p", 0.9).stdout != first
-    greedy = run("sample", "--out_dir", out, "--max_new_tokens", 10, "--temperature", 0, "--num_samples", 2).stdout
-    samples = greedy.split("--- sample 2\n")
+    greedy = run("sample", "--out_dir", out, "--max_new_tokens", 10, "--temperature", 0, "--num_samples", 2)
+    samples = greedy.stdout.split("--- sample 2\n")
     assert samples[0].removeprefix("--- sample 1\n") == samples[1]
+    assert "weights: bfloat16 (" in greedy.stderr  # the precision it runs in is said (the default here)
+    assert "weights: int8 (" in run("sample", "--out_dir", out, "--max_new_tokens", 2, "--dtype", "int8").stderr
 
 
 def test_resume_from_the_cli(trained, tmp_path):
@@ -96,16 +98,16 @@ def test_closed_pipe_ends_quietly(trained):
     script = (f"{sys.executable} {GPT} sample --out_dir {out} --prompt 'a\nb\nc\nd\n' --max_new_tokens 3000 "
               "--no_stop_at_eot --seed 1 | head -3; exit ${PIPESTATUS[0]}")
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
-    lines = proc.stderr.splitlines()  # the seed, and the line saying which kernels run
+    lines = proc.stderr.splitlines()  # the seed, and the lines saying which precision and kernels run
     assert proc.returncode == 0 and proc.stdout == "a\nb\nc\n" and lines[0] == "(seed 1)", proc.stderr
-    assert all(line.startswith("kernels: ") for line in lines[1:]), proc.stderr
+    assert all(line.startswith(("weights: ", "kernels: ")) for line in lines[1:]), proc.stderr
 
 
 def test_seed_line_comes_first_and_not_for_greedy(trained):
     _, out, _ = trained
     proc = subprocess.run([sys.executable, GPT, "sample", "--out_dir", out, "--max_new_tokens", "5", "--seed", "7"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert proc.stdout.startswith("(seed 7)\nROMEO:\n"), proc.stdout
+    assert proc.stdout.startswith("(seed 7)\nweights: bfloat16 (--dtype: float32, bfloat16, int8)\nROMEO:\n"), proc.stdout
     assert "seed" not in run("sample", "--out_dir", out, "--max_new_tokens", 5, "--temperature", 0).stderr
 
 
