@@ -123,7 +123,8 @@ struct Rows {
 // matrix, rounded to bf16 (`rounded`, float32 values) for a bf16 one. With AMX they are also packed
 // as tile products read them (pack_tile, pack_tile_bf16): per 16 rows t of x and block j of 32
 // columns, tiles[(t * nblk + j) * 512 ...] and the 16 rows' scales tile_d[(t * nblk + j) * 16 ...]
-// (int8), tiles_bf16[(t * nblk + j) * 512 ...] (bf16).
+// (int8), tiles_bf16[(t * nblk + j) * 512 ...] (bf16). Only the kinds of matrix a call multiplies
+// get their (zeroed, per call) room.
 constexpr int64_t kAmxMinRows = 5;  // rows of x from which a product takes the AMX kernel
 
 struct XRows {
@@ -132,11 +133,16 @@ struct XRows {
   std::vector<int8_t> tiles;
   std::vector<float> tile_d;
   std::vector<uint16_t> tiles_bf16;
-  XRows(int64_t B, int64_t K) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)), rounded(B * K) {
+  XRows(int64_t B, int64_t K, bool int8, bool bf16) : q(B * K), d(B * ((K + QBLOCK - 1) / QBLOCK)) {
     const int64_t padded = B >= kAmxMinRows ? (B + 15) / 16 * 16 : 0, nblk = (K + QBLOCK - 1) / QBLOCK;
-    tiles.resize(padded * nblk * QBLOCK);
-    tile_d.resize(padded * nblk);
-    tiles_bf16.resize(padded * nblk * QBLOCK);
+    if (int8) {
+      tiles.resize(padded * nblk * QBLOCK);
+      tile_d.resize(padded * nblk);
+    }
+    if (bf16) {
+      rounded.resize(B * K);
+      tiles_bf16.resize(padded * nblk * QBLOCK);
+    }
   }
 };
 
@@ -814,12 +820,17 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
   const Isa isa = forced_isa();
   std::vector<Layer> layers;
   int64_t F = 0;  // the widest MLP
+  bool int8 = false, bf16 = false;  // the kinds of matrix the blocks hold
   for (int64_t i = 0; i < n_layer; i++) {
     const at::Tensor &k = caches[2 * i], &v = caches[2 * i + 1];
     TORCH_CHECK(k.sizes() == caches[0].sizes(), "decode_blocks: every layer's cache has one shape");
     TORCH_CHECK(k.scalar_type() == caches[0].scalar_type(), "decode_blocks: the caches are all float32 or all bfloat16");
     layers.push_back(layer(w.data() + N_WEIGHTS * i, k, v, B, C, pos, isa));  // (v checked against k)
     F = std::max(F, layers.back().fc.N);
+    for (const Matrix* m : {&layers.back().qkv, &layers.back().proj, &layers.back().fc, &layers.back().out}) {
+      int8 |= m->kind == Kind::I8;
+      bf16 |= m->kind == Kind::BF16;
+    }
   }
   const int64_t H = caches[0].size(1), L = caches[0].size(2), D = caches[0].size(3);
   const bool bf16_cache = caches[0].scalar_type() == at::kBFloat16;
@@ -829,7 +840,7 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
   at::Tensor y = at::empty({B, C}, x.options()), f = at::empty({B, F}, x.options());
   float *o = out.data_ptr<float>(), *hp = h.data_ptr<float>(), *qp = qkv.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *fp = f.data_ptr<float>();
-  XRows xr(B, F);  // (F, the widest input)
+  XRows xr(B, F, int8, bf16);  // (F, the widest input)
   // One parallel region for all the blocks: their phases are separated by barriers (each `omp for`
   // and `omp single` ends with one), ~1 us, where a region per product would cost a fork/join each.
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -863,7 +874,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const DotTable& dots = dot_table(m.kind, forced_isa());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  XRows xr(M, m.K);
+  XRows xr(M, m.K, m.kind == Kind::I8, m.kind == Kind::BF16);
 #pragma omp parallel num_threads(at::get_num_threads())
   linear<Epilogue::kStore>(xp, M, m, dots, xr, op);
   return out;
