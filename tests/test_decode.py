@@ -93,7 +93,7 @@ def run_block(block, cfg, x, pos, backend, cache_dtype=torch.float32):
     (4, 64, 2, 31, True),    # the last cache slot
     (12, 768, 1, 100, True),  # GPT-2 124M's block
     (5, 85, 6, 18, False),   # odd everything: head size 17, 4C = 340, K = 85 (a 21-wide int8 block); B = 4 + 2
-    (3, 96, 17, 5, True),    # K = 96, 384: int8 on AMX tiles, rows of x 16 + 1
+    (3, 96, 17, 5, True),    # K = 96, 384: bf16 (and int8's K = 384) on AMX tiles, rows of x 16 + 1 (8 + 8 + 1)
 ])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv_bias, cache_dtype):

@@ -62,9 +62,12 @@ def test_int8_refuses_weights_it_cannot_store(ext, bad):
 @pytest.mark.parametrize("M,N,K,bias", [(1, 1, 1, True), (1, 67, 85, False), (3, 5, 33, True), (5, 130, 64, True),
                                         (8, 9, 17, False),
                                         (2, 37, 1061, True),  # 34 blocks: scales converted 16 at a time, a 5-wide tail
-                                        # bf16, int8 on AMX tiles where present: 16-row units and a tail, rows of x
-                                        # 16 and 33 (one and three tiles), 34 blocks (groups of 4, 2 left)
-                                        (16, 48, 96, True), (33, 67, 1088, True), (5, 16, 32, False)])
+                                        # bf16 on AMX tiles where present (K a multiple of 32; int8: of 64, a
+                                        # pair of blocks per tile product): 16-row units and a tail, rows of x
+                                        # 5, 8, 16 and 33 (int8: 1, 1, 2, 5 groups of 8; bf16: 1, 1, 1, 3 of
+                                        # 16), 34 blocks (17 pairs: groups of 4, 1 left); K = 96: int8 on VNNI
+                                        (16, 48, 96, True), (33, 67, 1088, True), (5, 16, 32, False),
+                                        (8, 37, 192, True), (5, 16, 64, False), (16, 35, 320, False)])
 def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K, bias):
     w = awkward_weight(N, K)
     stored, scale = gpt.quantize_weight(w, dtype) if dtype != "float32" else (w, torch.empty(0))
@@ -150,6 +153,28 @@ def test_the_prompt_runs_as_bfloat16_gemms(dtype, monkeypatch):
         reference.load_state_dict({k: v for k, v in model_float32_state(model).items()})
         expected = reference(idx)
     torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 8)])
+def test_float32_head_at_few_rows_runs_the_kernel(ext, monkeypatch, rows):
+    """Generation's float32 LM head (up to _FEW_ROWS rows at inference) takes gpt::quantized_linear,
+    which reads the weight once for all rows, with F.linear's logits; more rows, or with grad, F.linear."""
+    model = tiny_model(True)
+    calls = []
+    kernel = torch.ops.gpt.quantized_linear
+    monkeypatch.setattr(torch.ops.gpt, "quantized_linear", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    idx = torch.randint(50257, rows)
+    with torch.no_grad():
+        got = model(idx)
+    with gpt.backend("torch"), torch.no_grad():
+        expected = model(idx)
+    assert calls == [(rows[0] * rows[1], 48)]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    calls.clear()
+    model(idx)  # with grad
+    with torch.no_grad():
+        model(torch.randint(50257, (1, gpt._FEW_ROWS[torch.float32] + 1)))
+    assert calls == []
 
 
 def model_float32_state(model):
