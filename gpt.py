@@ -1196,6 +1196,13 @@ QBLOCK = 32  # int8 weights per scale, along a row (the input dimension)
 _FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8, torch.int8: 32 if torch.cpu._is_amx_tile_supported() else 16}
 
 
+def _few_rows_kernel_ok(x2d, weight_dtype):
+    """gpt::quantized_linear computes x2d times a weight stored in weight_dtype: few rows (generation),
+    inference, the ext backend on x2d's device."""
+    return (x2d.size(0) <= _FEW_ROWS[weight_dtype] and not torch.is_grad_enabled()
+            and _ext_device_ok("decode", x2d))
+
+
 def quantize_weight(w, dtype):
     """w (N, K) -> (stored, scale): bfloat16 w and an empty scale; or int8 q and float16 scale
     (N, ceil(K / 32)) with w ~= q * scale per block of 32 along a row (symmetric: scale =
@@ -1279,7 +1286,7 @@ class QuantizedLinear(nn.Module):
             w = self.qweight if self.qweight.dtype == torch.bfloat16 else dequantize_bfloat16(self.qweight, self.scale)
             y = F.linear(x2d.bfloat16(), w).float()
             y = y + self.bias if self.bias is not None else y
-        elif _ext_device_ok("decode", x) and not torch.is_grad_enabled():
+        elif _few_rows_kernel_ok(x2d, self.qweight.dtype):
             bias = self.bias if self.bias is not None else x.new_empty(0)
             y = torch.ops.gpt.quantized_linear(x2d.float().contiguous(), self.qweight, self.scale, bias)
         elif self.qweight.dtype == torch.int8:  # the kernel's reference: int8 activations too
@@ -1711,11 +1718,11 @@ class GPT(nn.Module):
         x = self.ln_f(x[:, -1:] if last_only else x)
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)
-        if type(self.lm_head) is nn.Linear and x.size(0) * x.size(1) <= _FEW_ROWS[torch.float32] and \
-                _ext_device_ok("decode", x) and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        x2d = x.reshape(-1, x.size(-1))
+        if type(self.lm_head) is nn.Linear and x.dtype == torch.float32 and _few_rows_kernel_ok(x2d, torch.float32):
             # generation's float32 head: torch's GEMM on 8 rows took 15 ms where this reads the weight once, 7 ms
-            return torch.ops.gpt.quantized_linear(x.reshape(-1, x.size(-1)), self.lm_head.weight, x.new_empty(0),
-                                                  x.new_empty(0)).view(*x.shape[:-1], -1)
+            empty = x.new_empty(0)  # (no scale; GPT's LM head has no bias)
+            return torch.ops.gpt.quantized_linear(x2d, self.lm_head.weight, empty, empty).view(*x.shape[:-1], -1)
         return self.lm_head(x)
 
     @classmethod

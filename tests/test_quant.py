@@ -1,8 +1,9 @@
 """Weights stored in bfloat16 or int8 (gpt.quantize): the int8 rule (C++ against its torch
 reference, bit for bit, and the error bound it promises), gpt::quantized_linear against F.linear
-of the dequantized weight on the activations as the kernel takes them (float32 tolerance), what quantize converts and keeps, the prompt's
-bfloat16 GEMMs, generation from stored weights on both backends, how close bf16 and int8 stay
-to float32 (tokens, perplexity), and generate's inputs (list, 1-D, 2-D)."""
+of the dequantized weight on the activations as the kernel takes them (float32 tolerance), the
+float32 LM head at few rows, what quantize converts and keeps, the prompt's bfloat16 GEMMs,
+generation from stored weights on both backends, how close bf16 and int8 stay to float32 (tokens,
+perplexity), and generate's inputs (list, 1-D, 2-D)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -21,8 +21,8 @@
 // too many instructions to keep up with memory. From 5 rows of x (batch decode, short prompts)
 // bf16 and int8 products run on AMX tiles where the CPU has them (bf16: 16 rows of W by 16 of x per
 // block of 32 columns; int8: 16 by 8 per pair of blocks): the widening FMAs of 8 rows of x made a
-// bf16 product ~1.4x slower than reading its weights. gpt::quantized_linear is the same product alone, for the LM head and short
-// prompts. Builds of the products: AMX (AMX-INT8, AMX-BF16), AVX-512 (intrinsics, AVX512-VNNI for
+// bf16 product ~1.4x slower than reading its weights. gpt::quantized_linear is the same product
+// alone, for the LM head and short prompts. Builds of the products: AMX (AMX-INT8, AMX-BF16), AVX-512 (intrinsics, AVX512-VNNI for
 // int8), picked at run time, and a generic one; GPT_CPU_ISA=avx512 leaves AMX out, =generic
 // forces the generic one (for tests). All compute the same block sums.
 #include <ATen/ATen.h>
@@ -388,6 +388,15 @@ GPT_AMX inline void prefetch_next_unit(const void* w, int64_t ld, int64_t c, int
     for (int64_t i = 0; i < n; i += 64) _mm_prefetch(next + r * ld + i, _MM_HINT_T1);
 }
 
+// s[b * 16 + n] = rows[n][b] for the first `columns` columns: a unit's products (rows of W by
+// rows of x) as the caller writes them out, a row of x at a time.
+GPT_AMX inline void store_columns(const float (*rows)[16], int columns, float* s) {
+  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(16));
+  for (int b = 0; b < columns; b++)
+    _mm512_storeu_ps(s + b * 16, _mm512_i32gather_ps(_mm512_add_epi32(row_starts, _mm512_set1_epi32(b)), rows, 4));
+}
+
 // The tile products of pairs p..p+G-1 (G <= 4) into tiles 0..G-1, stored to sums[0..G-1].
 template <int G>
 GPT_AMX inline void tile_pairs(const int8_t* w, int64_t K, const int8_t* tiles, int64_t p, int32_t (*sums)[16][16]) {
@@ -466,10 +475,7 @@ GPT_AMX void dot_unit_amx_int8(const Matrix& m, int64_t n0, const XRows& x, int6
   float(*rows)[16] = reinterpret_cast<float(*)[16]>(sums[0]);
   GPT_UNROLL for (int n = 0; n < 16; n++)
     _mm512_store_ps(rows[n], _mm512_add_ps(acc[n], _mm512_shuffle_f32x4(acc[n], acc[n], _MM_SHUFFLE(1, 0, 3, 2))));
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
-  for (int b = 0; b < kAmxRowsInt8; b++)
-    _mm512_storeu_ps(s + b * 16, _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(b)), rows, 4));
+  store_columns(rows, kAmxRowsInt8, s);
 }
 
 // bf16 (AMX-BF16): tdpbf16ps multiplies 16 rows of W by 16 rows of x (rounded to bf16, packed by
@@ -508,10 +514,7 @@ GPT_AMX void dot_unit_amx_bf16(const Matrix& m, int64_t n0, const XRows& x, int6
     const __m512 b = _mm512_add_ps(_mm512_load_ps(sums[2][n]), _mm512_load_ps(sums[3][n]));
     _mm512_store_ps(sums[0][n], _mm512_add_ps(a, b));
   }
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
-  for (int b = 0; b < kAmxRowsBf16; b++)
-    _mm512_storeu_ps(s + b * 16, _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(b)), sums[0], 4));
+  store_columns(sums[0], kAmxRowsBf16, s);
 }
 
 GPT_AMX void load_tile_config() { _tile_loadconfig(&kTiles); }
@@ -765,7 +768,7 @@ GPT_AVX512 void attend_head_avx512(const float* q, const T* K, const T* V, int64
 #endif
 
 // One head's attention (attend_head_body): AVX-512 for heads up to 128 wide where the CPU has it
-// (avx512: the caller's use_avx512(), asked once per call, not per head), else the generic loops.
+// (avx512: decided once per decode_blocks call from its Isa, not per head), else the generic loops.
 template <class T>
 void attend_head(const float* q, const T* K, const T* V, int64_t n, int64_t D, float scale, float* p, float* out,
                  bool avx512) {
@@ -865,14 +868,8 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, XR
       for (int64_t g = 0; g < groups; g++) {
         float s[kAmxRowsBf16 * kUnitRows];  // [row of x][row of W]
         dots.amx(m, n0, xr, g, s);
-        for (int64_t b = g * amx_rows; b < std::min(B, (g + 1) * amx_rows); b++) {
-          const float* sb = s + (b - g * amx_rows) * kUnitRows;
-          float* o = out + b * N + n0;
-          if (m.bias)
-            for (int64_t r = 0; r < kUnitRows; r++) o[r] = (E == Epilogue::kAddToOut ? o[r] : 0.0f) + sb[r] + m.bias[n0 + r];
-          else
-            for (int64_t r = 0; r < kUnitRows; r++) o[r] = (E == Epilogue::kAddToOut ? o[r] : 0.0f) + sb[r];
-        }
+        for (int64_t b = g * amx_rows; b < std::min(B, (g + 1) * amx_rows); b++)
+          for (int64_t r = 0; r < kUnitRows; r++) emit(n0 + r, b, s[(b - g * amx_rows) * kUnitRows + r]);
       }
     } else {
       for (int64_t n = n0; n < n1;) {
@@ -900,10 +897,9 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, XR
 // token's k, v (from qkv) at pos. One (row, head) per iteration, shared by the region's threads.
 template <class T>
 void attend(const float* qkv, int64_t B, int64_t H, int64_t D, T* cache_k, T* cache_v, int64_t L, int64_t pos,
-            float* y) {
+            bool avx512, float* y) {
   const int64_t C = H * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const bool avx512 = use_avx512();
   std::vector<float> p(pos + 1);
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < B * H; task++) {
@@ -983,6 +979,7 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
   }
   const int64_t H = caches[0].size(1), L = caches[0].size(2), D = caches[0].size(3);
   const bool bf16_cache = caches[0].scalar_type() == at::kBFloat16;
+  const bool avx512 = isa != kGeneric && has_avx512();  // attention's kernel
 
   at::Tensor out = x.clone();
   at::Tensor h = at::empty({B, C}, x.options()), qkv = at::empty({B, 3 * C}, x.options());
@@ -998,9 +995,9 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
     layer_norm(o, B, C, l.ln1_w, l.ln1_b, hp);
     linear<Epilogue::kStore>(hp, B, l.qkv, *l.dq, xr, qp);
     if (bf16_cache)
-      attend(qp, B, H, D, static_cast<uint16_t*>(l.cache_k), static_cast<uint16_t*>(l.cache_v), L, pos, yp);
+      attend(qp, B, H, D, static_cast<uint16_t*>(l.cache_k), static_cast<uint16_t*>(l.cache_v), L, pos, avx512, yp);
     else
-      attend(qp, B, H, D, static_cast<float*>(l.cache_k), static_cast<float*>(l.cache_v), L, pos, yp);
+      attend(qp, B, H, D, static_cast<float*>(l.cache_k), static_cast<float*>(l.cache_v), L, pos, avx512, yp);
     linear<Epilogue::kAddToOut>(yp, B, l.proj, *l.dp, xr, o);
 #pragma omp single
     layer_norm(o, B, C, l.ln2_w, l.ln2_b, hp);
