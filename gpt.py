@@ -617,7 +617,7 @@ def prepare(data_paths, out_dir):
     """`gpt.py prepare`: tokenizes a large corpus once into out_dir (tokens.u16 + meta.json);
     `train --data out_dir` then maps it."""
     path = os.path.join(out_dir, "tokens.u16")
-    t0 = time.time()
+    t0, start_mb = time.time(), _peak_rss_mb()  # the start: torch alone is 0.3 GB on CPU, more with CUDA
     print(describe_data(data_paths))
     count = tokenize_corpus(data_paths, path, progress=True)
     meta = {"tokens": count, "sources": [os.path.abspath(p) for p in data_paths], "dtype": "uint16"}
@@ -626,7 +626,8 @@ def prepare(data_paths, out_dir):
         meta["val_start"] = count - sum(len(_token_file(p)) for p in val)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     peak_mb = _peak_rss_mb()
-    print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s, peak memory {peak_mb:.0f} MB); "
+    print(f"{count:,} tokens in {path} ({time.time() - t0:.0f}s, peak memory {peak_mb:.0f} MB, "
+          f"{peak_mb - start_mb:.0f} MB over the start); "
           f"train on them with --data {out_dir}")
 
 
@@ -2686,7 +2687,11 @@ _TF_DTYPES = {1: "float32", 2: "float64", 3: "int32", 9: "int64", 14: "bfloat16"
 
 
 def _crc32c_masked(data):
-    import crc32c
+    try:
+        import crc32c
+    except ImportError:
+        raise GPTError("reading TensorFlow checkpoints needs the crc32c package: run `pip install -e .` "
+                       "in the gpt folder") from None
 
     c = crc32c.crc32c(data)
     return ((c >> 15 | c << 17) + 0xA282EAD8) & 0xFFFFFFFF  # LevelDB's mask

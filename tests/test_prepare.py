@@ -54,7 +54,8 @@ def test_prepare_a_gigabyte_in_flat_memory(tmp_path, capsys):
     proc = subprocess.run([sys.executable, GPT, "prepare", "--data", str(corpus), "--out_dir", str(out)],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr
-    peak_mb = int(re.search(r"peak memory (\d+) MB", proc.stdout).group(1))  # the prepare process's own
+    # the prepare process's own
+    peak_mb, grew_mb = map(int, re.search(r"peak memory (\d+) MB, (-?\d+) MB over the start", proc.stdout).groups())
     meta = json.loads((out / "meta.json").read_text())
     tokens = gpt.load_tokens([str(out)])
     assert len(tokens) == meta["tokens"] > 200_000_000
@@ -63,9 +64,11 @@ def test_prepare_a_gigabyte_in_flat_memory(tmp_path, capsys):
     head = gpt.get_tokenizer().encode_ordinary(first)
     assert tokens[: len(head) - 1].tolist() == head[:-1]
     with capsys.disabled():  # the figure belongs in the CI log
-        print(f"\nprepare: {size / 1e9:.2f} GB of text -> {len(tokens):,} tokens, peak RSS {peak_mb:.0f} MB")
-    # the text is 1,070 MB and its tokens 608 MB: holding either whole would break this bound
-    assert peak_mb < 600, f"peak memory {peak_mb:.0f} MB grows with the corpus"
+        print(f"\nprepare: {size / 1e9:.2f} GB of text -> {len(tokens):,} tokens, peak RSS {peak_mb} MB "
+              f"({grew_mb} MB over the start)")
+    # the text is 1,070 MB and its tokens 608 MB: holding either whole would break this bound. Counted
+    # from the start, as importing torch takes 0.3 GB on CPU and 0.6 GB with CUDA
+    assert grew_mb < 300, f"peak memory {peak_mb} MB, {grew_mb} MB over the start: it grows with the corpus"
 
 
 @pytest.mark.slow
@@ -83,11 +86,14 @@ def test_token_files_of_a_gigabyte_in_flat_memory(tmp_path, capsys):
                            str(tmp_path / "x_val.bin"), "--out_dir", str(out)], capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr
-    peak_mb = int(re.search(r"peak memory (\d+) MB", proc.stdout).group(1))
+    peak_mb, grew_mb = map(int, re.search(r"peak memory (\d+) MB, (-?\d+) MB over the start", proc.stdout).groups())
     tokens = gpt.load_tokens([str(out)])
     assert len(tokens) == (1 << 29) + (1 << 20) and tokens.val_start == 1 << 29
     assert np.array_equal(np.asarray(tokens[1 << 29:]), val)
     assert np.array_equal(tokens.parts[0][:1000], np.fromfile(tmp_path / "train.bin", dtype=np.uint16, count=1000))
     with capsys.disabled():
-        print(f"\nprepare: 1 GiB of token files -> {len(tokens):,} tokens, peak RSS {peak_mb:.0f} MB")
-    assert peak_mb < 400, f"peak memory {peak_mb:.0f} MB grows with the token files (1 GiB)"
+        print(f"\nprepare: 1 GiB of token files -> {len(tokens):,} tokens, peak RSS {peak_mb} MB "
+              f"({grew_mb} MB over the start)")
+    # tokenize_corpus keeps up to 2 batches of ~1 MiB a core in flight, each held as input, output and bytes
+    bound = 64 + 6 * min(gpt.usable_cpus(), 32)  # 76 MB on 2 cores, 160 on 16: far below the 1 GiB
+    assert grew_mb < bound, f"peak memory {peak_mb} MB, {grew_mb} MB over the start: it grows with the token files"

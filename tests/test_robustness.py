@@ -36,19 +36,23 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(text_file, tmp_p
     kills = 0
     for attempt in range(7):
         resume = ["--resume"] if gpt.checkpoints_in(out) else []
-        proc = subprocess.Popen(train_args(text_file, out, *resume), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(train_args(text_file, out, *resume), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if attempt == 0:  # the first kill lands in the middle of writing a checkpoint
             deadline = time.time() + 120
             while not (out.is_dir() and any(n.endswith(".tmp") for n in os.listdir(out))) and time.time() < deadline:
                 time.sleep(0.001)
-        else:
-            time.sleep(rng.uniform(2.0, 6.0))
+        else:  # the clock starts when training does: starting takes 2 s here, longer with a CUDA torch
+            while (line := proc.stdout.readline()) and not line.startswith("model:"):
+                pass
+            time.sleep(rng.uniform(0.0, 4.0))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         assert all(gpt.load_checkpoint(p)["step"] > 0 for p in gpt.checkpoints_in(out))  # none torn
-    subprocess.run(train_args(text_file, out, "--resume"), check=True, capture_output=True, timeout=600)
+    last = subprocess.run(train_args(text_file, out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr
     assert kills >= 4
     resumed = final_weights(out)
     for name, tensor in reference.items():

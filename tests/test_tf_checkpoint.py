@@ -136,6 +136,11 @@ def test_corrupt_data_fails_crc(tmp_path):
     _refused(folder, "crc32c")
 
 
+def test_without_crc32c_one_line_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "crc32c", None)  # import crc32c now raises ImportError
+    _refused(TF_FOLDER, "crc32c package", "pip install")
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty", "flipped_byte"])
 def test_bad_index(tmp_path, how):
     folder = _copy(tmp_path)
