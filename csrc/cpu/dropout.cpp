@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -23,16 +24,28 @@ inline __attribute__((always_inline)) void store(float* p, int64_t i, float v) {
 inline __attribute__((always_inline)) void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 // out[i] = x[i] + y[i] * keep-scale(i) for i in [begin, end); no x (nullptr type): the scaled y alone.
+// The hash's key depends on hi32(i) alone, so it is taken once per 2^32 elements and the loop runs
+// on 32-bit lanes (the key per element, on 64-bit indices, left the loop scalar: 10x slower than
+// x + y at 2 x 256 x 768).
 template <class X, class Y, class O>
 inline __attribute__((always_inline)) void scale_add(const X* x, const Y* y, O* out, int64_t begin, int64_t end,
                                                      const Dropout& d) {
+  for (int64_t start = begin; start < end;) {
+    const int64_t stop = std::min(end, ((start >> 32) + 1) << 32);
+    const uint32_t key = d.key(static_cast<uint64_t>(start)), low = static_cast<uint32_t>(start);
+    const uint32_t count = static_cast<uint32_t>(stop - start), threshold = d.threshold;
+    const float inv_keep = d.inv_keep;
+    const Y* ys = y + start;
+    O* outs = out + start;
 #pragma omp simd
-  for (int64_t i = begin; i < end; i++) {
-    const float scaled = load(y, i) * d.scale(static_cast<uint64_t>(i));
-    if constexpr (std::is_same_v<X, std::nullptr_t>)
-      store(out, i, scaled);
-    else
-      store(out, i, load(x, i) + scaled);
+    for (uint32_t j = 0; j < count; j++) {
+      const float scaled = load(ys, j) * ((mix32((low + j) ^ key) >> 8) >= threshold ? inv_keep : 0.0f);
+      if constexpr (std::is_same_v<X, std::nullptr_t>)
+        store(outs, j, scaled);
+      else
+        store(outs, j, load(x + start, j) + scaled);
+    }
+    start = stop;
   }
 }
 
