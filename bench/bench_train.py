@@ -179,7 +179,7 @@ class MatmulsAlone:
     layer qkv, proj, fc and fc2, then the LM head, forward and backward (input and weight gradients)
     at the step's shapes, under the same autocast, output gradients made once. Not a strict floor
     (gpt's chunked LM head never writes the 2048 x 50257 logits this one does), but a measure of
-    what is left besides the products: at dropout 0 nanoGPT's whole step takes 1.02-1.15x this."""
+    what is left besides the products: at dropout 0 nanoGPT's whole step takes 0.96-1.15x this."""
 
     def __init__(self, tokens, n_layer=12, C=768, V=50257):
         nn = torch.nn

@@ -37,6 +37,10 @@ TORCH_LIBRARY(gpt, m) {
   // grad * keep / (1 - p) in y's dtype. float32 or bfloat16 tensors, float32 arithmetic.
   m.def("dropout_add(Tensor x, Tensor y, float p, int seed) -> Tensor");
   m.def("dropout_backward(Tensor grad, float p, int seed, ScalarType dtype) -> Tensor");
+  // GPT-2's tanh GELU (CPU) and its gradient grad * gelu'(x), float32 or bfloat16 in and out,
+  // float32 arithmetic.
+  m.def("gelu(Tensor x) -> Tensor");
+  m.def("gelu_backward(Tensor grad, Tensor x) -> Tensor");
   // One next token per row of logits (B, V) float32: top-k, temperature, top-p, then an
   // inverse-CDF draw with uniform (B,) float64. Returns (B,) int64.
   m.def("sample(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) -> Tensor");
