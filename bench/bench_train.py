@@ -14,9 +14,7 @@
   builds GPT-2, written here since nanoGPT is not a dependency: SDPA causal attention, exact GELU,
   biases, LM head tied to wte) in the book's GPT-124M shape, at 2x256 and 8x256, under bf16
   autocast and in fp32, at dropout 0.1 and 0; the fp32 and bf16 matmul rates measured in the
-  same run, rounds interleaved, and each step's fraction of its dtype's matmul rate. Beside them
-  the step's matrix products alone (MatmulsAlone), and nanoGPT's step over their time: how little
-  of its step is not the products.
+  same run, rounds interleaved, and each step's fraction of its dtype's matmul rate.
 
 Every candidate runs under gpt.keep_freed_memory(), as gpt.train sets it (glibc keeps the memory a
 step frees for the next one): the peers in this process get it too, so ratios compare the models.
@@ -174,36 +172,6 @@ def set_gpt_dropout(model, p):
             m.p = p
 
 
-class MatmulsAlone:
-    """The matrix products of a GPT-124M training step and nothing else, as nn.Linear runs them: per
-    layer qkv, proj, fc and fc2, then the LM head, forward and backward (input and weight gradients)
-    at the step's shapes, under the same autocast, output gradients made once. Not a strict floor
-    (gpt's chunked LM head never writes the 2048 x 50257 logits this one does), but a measure of
-    what is left besides the products: at dropout 0 nanoGPT's whole step takes 0.96-1.15x this."""
-
-    def __init__(self, tokens, n_layer=12, C=768, V=50257):
-        nn = torch.nn
-        self.layers = [(nn.Linear(C, 3 * C), nn.Linear(C, C), nn.Linear(C, 4 * C), nn.Linear(4 * C, C))
-                       for _ in range(n_layer)]
-        self.head = nn.Linear(C, V, bias=False)
-        self.params = [p for layer in self.layers for m in layer for p in m.parameters()] + [self.head.weight]
-        self.x = torch.randn(tokens, C, requires_grad=True)
-        self.out_grads = {}
-
-    def step(self, dtype):
-        outs = []
-        with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext():
-            h = self.x
-            for qkv, proj, fc, fc2 in self.layers:
-                outs.append(qkv(h))  # (its input gradient is the only one not passed on)
-                h = fc2(fc(proj(h)))
-            outs.append(self.head(h))
-        grads = self.out_grads.setdefault(dtype, [torch.randn_like(o) for o in outs])
-        torch.autograd.backward(outs, grads)
-        for p in self.params + [self.x]:
-            p.grad = None
-
-
 def matmul_rate(dtype, reps=5):
     """GFLOP/s of an nn.Linear 2048x768 -> 3072 (a GPT-124M c_fc at 8x256), fp32 or under bf16 autocast."""
     lin = torch.nn.Linear(768, 3072)
@@ -240,11 +208,7 @@ def test_train_step_vs_nanogpt(benchmark, ext, batch):
     matmul_params = {"gpt": sum(m.weight.numel() for m in ours.modules() if isinstance(m, torch.nn.Linear)),
                      "nanoGPT": sum(m.weight.numel() for m in nano.modules() if isinstance(m, torch.nn.Linear))}
 
-    matmuls = MatmulsAlone(x.numel())
-
     def step(name, dtype, dropout):
-        if name == "matmuls":
-            return matmuls.step(dtype)
         model, opt = (ours, ours_opt) if name == "gpt" else (nano, nano_opt)
         set_gpt_dropout(ours, dropout) if name == "gpt" else nano.set_dropout(dropout)
         model.train()
@@ -255,7 +219,6 @@ def test_train_step_vs_nanogpt(benchmark, ext, batch):
         opt.step()
 
     cands = [(n, d, p) for d in ("bfloat16", "float32") for p in (0.1, 0.0) for n in ("gpt", "nanoGPT")]
-    cands += [("matmuls", d, None) for d in ("bfloat16", "float32")]
     times = {c: [] for c in cands}
     rates = {"float32": [], "bfloat16": []}
     for c in cands:  # warm-up: allocator, optimizer state
@@ -275,10 +238,6 @@ def test_train_step_vs_nanogpt(benchmark, ext, batch):
     lines = [f"batch {batch}x256, matmul {rate['float32']:.0f} GFLOP/s fp32, {rate['bfloat16']:.0f} bf16"]
     for (n, d, p), ts in times.items():
         tps = tokens / statistics.median(ts)
-        if n == "matmuls":
-            info[f"matmuls alone {d} tokens_per_s"] = round(tps, 1)
-            lines.append(f"  matmuls alone {d:8s}: {tps:7.1f} tokens/s")
-            continue
         frac = step_flops(matmul_params[n], tokens) / statistics.median(ts) / 1e9 / rate[d]
         info[f"{n} {d} dropout {p} tokens_per_s"] = round(tps, 1)
         info[f"{n} {d} dropout {p} matmul_fraction"] = round(frac, 3)
@@ -286,9 +245,7 @@ def test_train_step_vs_nanogpt(benchmark, ext, batch):
     for d in ("bfloat16", "float32"):
         for p in (0.1, 0.0):
             ratio = statistics.median(times[("nanoGPT", d, p)]) / statistics.median(times[("gpt", d, p)])
-            rest = statistics.median(times[("nanoGPT", d, p)]) / statistics.median(times[("matmuls", d, None)])
             info[f"gpt/nanoGPT {d} dropout {p}"] = round(ratio, 2)
-            info[f"nanoGPT/matmuls alone {d} dropout {p}"] = round(rest, 2)
-            lines.append(f"  gpt / nanoGPT {d} dropout {p}: {ratio:.2f}x (nanoGPT's step / its products alone: {rest:.2f}x)")
+            lines.append(f"  gpt / nanoGPT {d} dropout {p}: {ratio:.2f}x")
     print("\n" + "\n".join(lines))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are in extra_info
