@@ -706,7 +706,7 @@ KERNELS = {
     "attention": (("attention_forward", "attention_backward"), ("cpu", "cuda")),
     "cross_entropy": (("cross_entropy_loss", "cross_entropy_loss_grad_"), ("cpu", "cuda")),
     "sample": (("sample",), ("cpu", "cuda")),
-    "decode": (("decode_blocks", "quantized_linear", "quantize_int8", "dequantize_int8"), ("cpu",)),
+    "decode": (("decode_blocks", "quantized_linear", "quantize_int8", "dequantize_int8", "product_paths"), ("cpu",)),
     "dropout_add": (("dropout_add", "dropout_backward"), ("cpu",)),
     "gelu": (("gelu", "gelu_backward"), ("cpu",)),
 }
@@ -1234,6 +1234,20 @@ def _few_rows_kernel_ok(x2d, weight_dtype):
     inference, the ext backend on x2d's device."""
     return (x2d.size(0) <= _FEW_ROWS[weight_dtype] and not torch.is_grad_enabled()
             and _ext_device_ok("decode", x2d))
+
+
+def product_paths(dtype, device="cpu"):
+    """In words, the instructions generation's matrix products run on for weights stored in dtype:
+    what the decode kernel picked for this CPU (GPT_CPU_ISA honoured), or torch's path."""
+    probe = torch.empty(0, device=device)
+    if not _ext_device_ok("decode", probe):
+        return "torch (F.linear" + (", weights widened per product)" if dtype != "float32" else ")")
+    bits = torch.ops.gpt.product_paths(torch.empty(0, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                                             "int8": torch.int8}[dtype]))
+    rows = "AVX512-VNNI" if dtype == "int8" else "AVX-512"
+    if bits == 0:
+        return f"generic loops (no {rows} on this CPU, or GPT_CPU_ISA=generic: slow)"
+    return f"AMX tiles from 5 rows, {rows} below" if bits & 2 else rows
 
 
 def quantize_weight(w, dtype):
@@ -3273,7 +3287,8 @@ def cmd_sample(args):
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     if args.temperature > 0:  # first, so that an interrupted run can be repeated too; greedy draws nothing
         print(f"(seed {seed})", file=sys.stderr, flush=True)
-    print(f"weights: {args.dtype} (--dtype: {', '.join(INFERENCE_DTYPES)})", file=sys.stderr, flush=True)
+    print(f"weights: {args.dtype} (--dtype: {', '.join(INFERENCE_DTYPES)}); products: "
+          f"{product_paths(args.dtype, device)}", file=sys.stderr, flush=True)
     eos_id = None if args.no_stop_at_eot else EOT_ID
     stream = args.num_samples == 1 and not args.no_stream
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

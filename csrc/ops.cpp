@@ -60,4 +60,8 @@ TORCH_LIBRARY(gpt, m) {
   m.def("quantize_int8(Tensor w) -> (Tensor, Tensor)");
   // The inverse, rounded once to bfloat16: q (N, K) int8, scale as above -> (N, K) bfloat16. CPU only.
   m.def("dequantize_int8(Tensor q, Tensor scale) -> Tensor");
+  // The paths decode_blocks' and quantized_linear's products take for weights of weight's dtype
+  // on this CPU (GPT_CPU_ISA honoured): bit 0 AVX-512 rows (int8: AVX512-VNNI), bit 1 AMX tiles
+  // (from 5 rows of x); 0 the generic loops. CPU only.
+  m.def("product_paths(Tensor weight) -> int");
 }

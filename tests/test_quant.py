@@ -291,3 +291,34 @@ def test_int8_products_round_activation_ties_to_even_on_both_paths(ext, isa):
     step_w = 127 * scale[0, 0].float()  # the identity's 1 as stored: 127 times its float16 scale
     quantized_x = (got[0, 1:6] / step_w).round().tolist()
     assert quantized_x == [-2.0, -2.0, 0.0, 0.0, 2.0]  # x = -2.5, -1.5, -0.5, 0.5, 1.5, each to even
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def test_product_paths_name_what_the_cpu_runs(ext, monkeypatch):
+    """The sample command's `products:` words: the paths the decode kernel takes, from the CPU's own
+    flags here (an independent reading), then as GPT_CPU_ISA and the torch backend change them."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "f16c"} <= flags
+    vnni = avx512 and "avx512_vnni" in flags
+    amx = vnni and {"amx_tile", "amx_int8"} <= flags
+    want = {"float32": "AVX-512" if avx512 else "generic loops",
+            "bfloat16": ("AMX tiles from 5 rows, AVX-512 below" if amx and "amx_bf16" in flags else
+                         "AVX-512" if avx512 else "generic loops"),
+            "int8": "AMX tiles from 5 rows, AVX512-VNNI below" if amx else "AVX512-VNNI" if vnni else "generic loops"}
+    for dtype, words in want.items():
+        assert gpt.product_paths(dtype).startswith(words), (dtype, gpt.product_paths(dtype))
+    monkeypatch.setenv("GPT_CPU_ISA", "avx512")
+    assert all("AMX" not in gpt.product_paths(d) for d in want)
+    monkeypatch.setenv("GPT_CPU_ISA", "generic")
+    assert all(gpt.product_paths(d).startswith("generic loops") for d in want)
+    with gpt.backend("torch"):
+        assert gpt.product_paths("int8").startswith("torch")

@@ -1124,9 +1124,21 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
   return out;
 }
 
+int64_t product_paths_cpu(const at::Tensor& weight) {
+  const Isa isa = forced_isa();
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar,
+              "product_paths: weight must be float32, bfloat16 or int8, got ", dtype);
+  const bool int8 = dtype == at::kChar;
+  const bool rows = isa != kGeneric && (int8 ? has_vnni() : has_avx512());
+  const bool tiles = isa == kBest && (int8 ? has_amx() : dtype == at::kBFloat16 && has_amx_bf16());
+  return (rows ? 1 : 0) | (tiles ? 2 : 0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gpt, CPU, m) {
+  m.impl("product_paths", &product_paths_cpu);
   m.impl("decode_blocks", &decode_blocks_cpu);
   m.impl("quantized_linear", &quantized_linear_cpu);
   m.impl("quantize_int8", &quantize_int8_cpu);
