@@ -1242,8 +1242,7 @@ def product_paths(dtype, device="cpu"):
     probe = torch.empty(0, device=device)
     if not _ext_device_ok("decode", probe):
         return "torch (F.linear" + (", weights widened per product)" if dtype != "float32" else ")")
-    bits = torch.ops.gpt.product_paths(torch.empty(0, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                                             "int8": torch.int8}[dtype]))
+    bits = torch.ops.gpt.product_paths(torch.empty(0, dtype=getattr(torch, dtype)))
     rows = "AVX512-VNNI" if dtype == "int8" else "AVX-512"
     if bits == 0:
         return f"generic loops (no {rows} on this CPU, or GPT_CPU_ISA=generic: slow)"

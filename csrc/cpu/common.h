@@ -1,5 +1,5 @@
 // Helpers shared by the CPU kernels: exp_approx, max_ignoring_nan, parallel_rows, bf16 conversions,
-// the dropout keep-scale.
+// the dropout keep-scale, the tanh GELU.
 #pragma once
 #include <ATen/Parallel.h>
 
@@ -98,3 +98,7 @@ struct Dropout : DropoutHash {
       : DropoutHash(p, seed), on(p > 0), inv_keep(p > 0 ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f) {}
   float scale(uint64_t n) const { return keep(n) ? inv_keep : 0.0f; }
 };
+
+// GPT-2's tanh GELU on n float32 values, y may be x (csrc/cpu/gelu.cpp): gpt::gelu's kernel and
+// decode_blocks' MLP.
+void gelu_tanh_f32(const float* x, float* y, int64_t n);

@@ -79,16 +79,19 @@ struct Matrix {
 
 const float* f32_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
+Kind kind_of(const at::Tensor& w, const char* what) {
+  switch (w.scalar_type()) {
+    case at::kFloat: return Kind::F32;
+    case at::kBFloat16: return Kind::BF16;
+    case at::kChar: return Kind::I8;
+    default: TORCH_CHECK(false, what, ": weight must be float32, bfloat16 or int8, got ", w.scalar_type());
+  }
+}
+
 Matrix matrix(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias, const char* what) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), what, ": weight must be a contiguous 2-D tensor");
   const int64_t N = w.size(0), K = w.size(1);
-  Kind kind;
-  switch (w.scalar_type()) {
-    case at::kFloat: kind = Kind::F32; break;
-    case at::kBFloat16: kind = Kind::BF16; break;
-    case at::kChar: kind = Kind::I8; break;
-    default: TORCH_CHECK(false, what, ": weight must be float32, bfloat16 or int8, got ", w.scalar_type());
-  }
+  const Kind kind = kind_of(w, what);
   if (kind == Kind::I8) {
     TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
                     scale.sizes() == at::IntArrayRef({N, (K + QBLOCK - 1) / QBLOCK}),
@@ -790,18 +793,6 @@ void attend_head(const float* q, const T* K, const T* V, int64_t n, int64_t D, f
   attend_head_generic(q, K, V, n, D, scale, p, out);
 }
 
-// tanh-GELU in place; tanh(u) = 1 - 2 / (exp(2u) + 1), u clamped to +-10 (tanh = +-1 in float).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void gelu_tanh_(float* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; i++) {
-    const float v = x[i];
-    float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-    u = u > 10.0f ? 10.0f : (u < -10.0f ? -10.0f : u);
-    x[i] = 0.5f * v * (2.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f));
-  }
-}
-
 // out[b, :] = LayerNorm(x[b, :]) * w + b_, eps 1e-5 (torch's default), statistics in double.
 void layer_norm(const float* x, int64_t B, int64_t C, const float* w, const float* bias, float* out) {
   for (int64_t r = 0; r < B; r++) {
@@ -886,7 +877,7 @@ void linear(const float* x, int64_t B, const Matrix& m, const DotTable& dots, XR
       }
     }
     if (E == Epilogue::kGelu)
-      for (int64_t b = 0; b < B; b++) gelu_tanh_(out + b * N + n0, n1 - n0);
+      for (int64_t b = 0; b < B; b++) gelu_tanh_f32(out + b * N + n0, out + b * N + n0, n1 - n0);
   }
 #if GPT_X86
   if (amx) release_tiles();  // (the OS then need not save them at a context switch)
@@ -1124,15 +1115,15 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
   return out;
 }
 
+// Read off the kernels dot_table picked: vector rows unless they are the generic loops, tiles where
+// it has an AMX product.
 int64_t product_paths_cpu(const at::Tensor& weight) {
-  const Isa isa = forced_isa();
-  const auto dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar,
-              "product_paths: weight must be float32, bfloat16 or int8, got ", dtype);
-  const bool int8 = dtype == at::kChar;
-  const bool rows = isa != kGeneric && (int8 ? has_vnni() : has_avx512());
-  const bool tiles = isa == kBest && (int8 ? has_amx() : dtype == at::kBFloat16 && has_amx_bf16());
-  return (rows ? 1 : 0) | (tiles ? 2 : 0);
+  const Kind kind = kind_of(weight, "product_paths");
+  const DotTable& t = dot_table(kind, forced_isa());
+  const DotRows generic = kind == Kind::I8     ? &dot_rows_generic_int8<kRows, 1>
+                          : kind == Kind::BF16 ? &dot_rows_generic<at::BFloat16, kRows, 1>
+                                               : &dot_rows_generic<float, kRows, 1>;
+  return (t.f[1][0] != generic ? 1 : 0) | (t.amx ? 2 : 0);
 }
 
 }  // namespace

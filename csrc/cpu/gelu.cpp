@@ -25,13 +25,7 @@ inline __attribute__((always_inline)) float sigmoid_2u(float x) {
   return 1.0f / (1.0f + exp_approx(minus_2u < 88.0f ? minus_2u : 88.0f));
 }
 
-// y = gelu(x) and out = grad * gelu'(x) on n float32 values (out may be grad).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void forward_f32(const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; i++) y[i] = x[i] * sigmoid_2u(x[i]);
-}
-
+// out = grad * gelu'(x) on n float32 values (out may be grad).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void backward_f32(const float* grad, const float* x, float* out, int64_t n) {
 #pragma omp simd
@@ -46,12 +40,12 @@ void backward_f32(const float* grad, const float* x, float* out, int64_t n) {
 constexpr int64_t kChunk = 1024;
 
 void forward_range(bool bf16, const void* x, void* y, int64_t begin, int64_t end) {
-  if (!bf16) return forward_f32(static_cast<const float*>(x) + begin, static_cast<float*>(y) + begin, end - begin);
+  if (!bf16) return gelu_tanh_f32(static_cast<const float*>(x) + begin, static_cast<float*>(y) + begin, end - begin);
   float buf[kChunk];
   for (int64_t i = begin; i < end; i += kChunk) {
     const int64_t n = std::min(kChunk, end - i);
     bf16_to_float_n(static_cast<const uint16_t*>(x) + i, n, buf);
-    forward_f32(buf, buf, n);
+    gelu_tanh_f32(buf, buf, n);
     float_to_bf16_n(buf, n, static_cast<uint16_t*>(y) + i);
   }
 }
@@ -98,6 +92,13 @@ at::Tensor gelu_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
 }
 
 }  // namespace
+
+// y = gelu(x) on n float32 values, y may be x (common.h declares it: decode_blocks' MLP uses it too).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void gelu_tanh_f32(const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) y[i] = x[i] * sigmoid_2u(x[i]);
+}
 
 TORCH_LIBRARY_IMPL(gpt, CPU, m) {
   m.impl("gelu", &gelu_cpu);
