@@ -32,6 +32,11 @@ def test_a_bad_byte_deep_in_a_file_is_reported(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["a.txt"]  # no torn output, no temp file left
 
 
+def peak_memory(stdout):
+    """The prepare process's own peak memory and its growth over the start, in MB, as it prints them."""
+    return tuple(map(int, re.search(r"peak memory (\d+) MB, (-?\d+) MB over the start", stdout).groups()))
+
+
 @pytest.mark.slow
 def test_prepare_a_gigabyte_in_flat_memory(tmp_path, capsys):
     rng = np.random.default_rng(0)
@@ -54,8 +59,7 @@ def test_prepare_a_gigabyte_in_flat_memory(tmp_path, capsys):
     proc = subprocess.run([sys.executable, GPT, "prepare", "--data", str(corpus), "--out_dir", str(out)],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr
-    # the prepare process's own
-    peak_mb, grew_mb = map(int, re.search(r"peak memory (\d+) MB, (-?\d+) MB over the start", proc.stdout).groups())
+    peak_mb, grew_mb = peak_memory(proc.stdout)
     meta = json.loads((out / "meta.json").read_text())
     tokens = gpt.load_tokens([str(out)])
     assert len(tokens) == meta["tokens"] > 200_000_000
@@ -86,7 +90,7 @@ def test_token_files_of_a_gigabyte_in_flat_memory(tmp_path, capsys):
                            str(tmp_path / "x_val.bin"), "--out_dir", str(out)], capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr
-    peak_mb, grew_mb = map(int, re.search(r"peak memory (\d+) MB, (-?\d+) MB over the start", proc.stdout).groups())
+    peak_mb, grew_mb = peak_memory(proc.stdout)
     tokens = gpt.load_tokens([str(out)])
     assert len(tokens) == (1 << 29) + (1 << 20) and tokens.val_start == 1 << 29
     assert np.array_equal(np.asarray(tokens[1 << 29:]), val)
