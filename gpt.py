@@ -1087,10 +1087,12 @@ def sample_reference(logits, uniform, temperature, top_k, top_p):
     4. top-p (top_p < 1): sort kept p descending; m = the fewest tokens whose mass reaches
        top_p * sum(p); keep every p_i >= the m-th largest (ties kept).
     5. draw: the smallest kept index i whose running sum of p (in index order, float64) exceeds
-       uniform * sum(kept p); the last kept index if rounding leaves none."""
+       uniform * sum(kept p); the last kept index if rounding leaves none.
+    -1 for a row that cannot be sampled: a NaN or +inf in it, or all -inf."""
     x = logits.float()
+    broken = ~torch.isfinite(x.amax(dim=-1))  # NaN and +inf propagate into the max
     if temperature == 0:
-        return x.argmax(dim=-1)
+        return x.argmax(dim=-1).masked_fill(broken, -1)
     V = x.size(-1)
     if 0 < top_k < V:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
@@ -1104,7 +1106,7 @@ def sample_reference(logits, uniform, temperature, top_k, top_p):
     cdf = torch.cumsum(p.double(), dim=-1)
     ids = torch.searchsorted(cdf, uniform.double().unsqueeze(-1) * cdf[:, -1:], right=True).squeeze(-1)
     last_kept = V - 1 - torch.argmax((p.flip(-1) > 0).int(), dim=-1)
-    return torch.minimum(ids, last_kept)
+    return torch.minimum(ids, last_kept).masked_fill(broken, -1)
 
 
 def _register_sample():
@@ -1440,8 +1442,10 @@ def _cross_entropy_case(g, device, N, V, C=0):
 
 def _sample_case(g, device, B, V, settings=((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 1.0), (1.0, 0, 0.9),
                                             (0.7, 7, 0.5))):
-    """Tokens drawn per (temperature, top_k, top_p) from logits with ties."""
-    logits = torch.randn(B, V, generator=g).mul(4).round().div(2).to(device)  # many ties
+    """Tokens drawn per (temperature, top_k, top_p) from logits with ties, the last row broken (-1)."""
+    logits = torch.randn(B, V, generator=g).mul(4).round().div(2)  # many ties
+    logits[-1, V // 2] = float("nan")
+    logits = logits.to(device)
     uniform = torch.rand(B, generator=g, dtype=torch.float64).to(device)
     return lambda: [_sample(logits, uniform, *s) for s in settings]
 
@@ -2628,8 +2632,6 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
-    if not torch.isfinite(logits.amax(dim=-1)).all():  # one pass: NaN and +inf propagate into the max
-        raise ValueError("logits contain NaN or +inf, or a row is all -inf: the model's weights or inputs are broken")
     home, logits = logits.device, logits.to(sampling_device(logits.device))
     if temperature == 0:
         uniform = logits.new_zeros(logits.size(0), dtype=torch.float64)
@@ -2640,7 +2642,10 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     else:
         device = generator.device if generator is not None else logits.device
         uniform = torch.rand(logits.size(0), generator=generator, dtype=torch.float64, device=device)
-    return _sample(logits, uniform.to(logits.device), temperature, top_k or 0, top_p or 1.0).unsqueeze(-1).to(home)
+    ids = _sample(logits, uniform.to(logits.device), temperature, top_k or 0, top_p or 1.0)
+    if bool((ids < 0).any()):  # the sampler screens each row as it reads it
+        raise ValueError("logits contain NaN or +inf, or a row is all -inf: the model's weights or inputs are broken")
+    return ids.unsqueeze(-1).to(home)
 
 
 @torch.inference_mode()

@@ -262,13 +262,16 @@ def test_invalid_arguments(backend, kw):
         gpt.sample_next_token(torch.randn(2, 10), **kw)
 
 
-def test_nan_logits(backend):
-    logits = torch.randn(3, 10)
-    logits[1, 4] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        gpt.sample_next_token(logits)
-    with pytest.raises(ValueError, match="NaN"):
-        gpt.sample_next_token(logits, temperature=0.0)
+@pytest.mark.parametrize("broken", ["nan", "+inf", "all -inf"])
+def test_broken_logits(backend, broken):
+    logits = torch.randn(3, 1000)
+    if broken == "all -inf":
+        logits[1] = float("-inf")
+    else:
+        logits[1, 4] = float(broken)
+    for kw in (dict(), dict(temperature=0.0), dict(top_k=50), dict(top_p=0.9), dict(top_k=5, top_p=0.5)):
+        with pytest.raises(ValueError, match="NaN or \\+inf, or a row is all -inf"):
+            gpt.sample_next_token(logits, **kw)
 
 
 # --- generate ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Parity of the fused sampling kernels (csrc/cpu/sampling.cpp, csrc/cuda/sampling.cu) with
 gpt.sample_reference: the same token for the same uniforms, over temperatures, top-k, top-p, their
-combination, ties at the k-th value and at the top-p boundary, greedy ties and -inf logits."""
+combination, ties at the k-th value and at the top-p boundary, greedy ties, -inf logits and rows
+that cannot be sampled."""
 import itertools
 
 import pytest
@@ -111,6 +112,22 @@ def test_greedy_ties_and_neg_inf(ext, device):
     logits[3, :776] = float("-inf")
     got = check(logits.to(device), 0.0, 0, 1.0)
     assert got.tolist() == [5, 0, 700, 776]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_broken_rows_give_minus_one(ext, device):
+    """A row with a NaN or +inf, or all -inf, cannot be sampled: -1 there (sample_next_token
+    raises on it), the other rows sampled as usual, on every path."""
+    logits = randn_logits(6, 50257, "cpu", seed=5)
+    logits[1, 50256] = float("nan")  # the very last logit
+    logits[2, 0] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, 1234:1300] = float("nan")
+    logits[5] = float("nan")
+    logits = logits.to(device)
+    for i, (T, k, p) in enumerate(itertools.product(TEMPERATURES, (0, 50), TOP_PS)):
+        got = check(logits, T, k, p, seed=i)
+        assert got[1:].tolist() == [-1] * 5 and got[0] >= 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,5 +1,6 @@
 // Next-token sampling on CUDA, one block per row of logits (B, V) float32 row-major, uniform (B,)
-// float64; returns (B,) int64, with gpt.sample_reference's semantics:
+// float64; returns (B,) int64, -1 for a row that cannot be sampled (a NaN or +inf in it, or all
+// -inf), with gpt.sample_reference's semantics:
 //   temperature 0 -> first index of the max; top-k keeps every logit >= the k-th largest (ties
 //   kept); p_i = exp((x_i - max) / T) over the kept; top-p keeps the fewest most probable whose
 //   mass reaches top_p * sum, plus ties of the last; draw = smallest kept index whose running
@@ -154,6 +155,12 @@ __device__ float nucleus_threshold(const float* x, int V, float m, float T, floa
   return __uint_as_float(prefix);
 }
 
+// Whether the block's row can be sampled: no thread saw a NaN, and its max m (NaN skipped) is
+// finite. Every thread of the block calls it and gets the same answer.
+__device__ bool can_be_sampled(int nan, float m) {
+  return !__syncthreads_or(nan) && m > -INFINITY && m < INFINITY;
+}
+
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const float* logits, const double* uniform, int64_t* out, int V, float T, int top_k, double top_p) {
   __shared__ float fscratch[32];
@@ -168,15 +175,20 @@ __global__ void __launch_bounds__(kThreads)
 
   if (T == 0.0f) {  // greedy: first index of the max, as torch.argmax
     float bv = -INFINITY;
-    int bi = V;
+    int bi = V, nan = 0;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
       const float v = x[j];
+      nan |= v != v;
       if (v > bv || (v == bv && j < bi)) {
         bv = v;
         bi = j;
       }
     }
     const float m = block_reduce(bv, MaxOp(), fscratch);
+    if (!can_be_sampled(nan, m)) {
+      if (threadIdx.x == 0) out[row] = -1;
+      return;
+    }
     if (threadIdx.x == 0) found = V;
     __syncthreads();
     if (bv == m) atomicMin(&found, bi);
@@ -186,8 +198,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   float m = -INFINITY;
-  for (int j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, x[j]);
+  int nan = 0;
+  for (int j = threadIdx.x; j < V; j += blockDim.x) {
+    m = fmaxf(m, x[j]);  // (fmaxf skips NaN)
+    nan |= x[j] != x[j];
+  }
   m = block_reduce(m, MaxOp(), fscratch);
+  if (!can_be_sampled(nan, m)) {
+    if (threadIdx.x == 0) out[row] = -1;
+    return;
+  }
   const float kth = (top_k > 0 && top_k < V) ? kth_largest(x, V, top_k, hist, chosen) : -INFINITY;
 
   float t = 0.0f;  // keep p >= t
