@@ -1372,7 +1372,8 @@ def quantize_linears(module, dtype):
 def quantize(model, dtype):
     """Stores model's matrices in dtype, in place, for inference: "float32" leaves it as it is,
     "bfloat16" or "int8" (see quantize_weight) convert every nn.Linear and both embeddings; a tied
-    LM head stays tied (one int8 table). Returns model."""
+    LM head stays tied (one int8 table). On the CPU the stored weights then lie in one buffer on
+    huge pages (into_huge_pages). Returns model."""
     if dtype not in INFERENCE_DTYPES:
         raise GPTError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
     if isinstance(model.lm_head, QuantizedLinear):
@@ -1385,7 +1386,41 @@ def quantize(model, dtype):
     model.wte = QuantizedEmbedding(head.qweight, head.scale) if tied else QuantizedEmbedding(
         *quantize_weight(model.wte.weight, dtype))
     model.wpe = QuantizedEmbedding(*quantize_weight(model.wpe.weight, dtype))
+    if model.lm_head.qweight.device.type == "cpu":
+        into_huge_pages(model)
     return model
+
+
+HUGE_PAGE = 2 << 20
+
+
+def into_huge_pages(module):
+    """Moves module's buffers (quantized weights and scales) into one buffer starting on a 2 MB
+    boundary and advised to Linux as transparent huge pages; each becomes a view of it, a tensor
+    shared by two modules (a tied head) one view. Generation streams these weights from memory
+    every token, and a tensor of its own sits in whatever pages malloc hands out, unaligned: the
+    int8 matrices of gpt2-xl (2.6-10 MB each) had ~60% of their bytes in 2 MB pages and streamed
+    6-11% slower than from one aligned buffer (more TLB misses; the prefetchers stop at 4 KB pages)."""
+    buffers = [(m, name, t) for m in module.modules() for name, t in m._buffers.items() if t is not None]
+    unique = list({id(t): t for _, _, t in buffers}.values())
+    offsets, total = {}, 0
+    for t in unique:
+        offsets[id(t)] = total
+        total += -(-t.numel() * t.element_size() // 64) * 64  # each on a cache line
+    raw = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)
+    pool = raw[-raw.data_ptr() % HUGE_PAGE:][:total]
+    if sys.platform.startswith("linux"):  # before the copies below fault the pages in
+        with contextlib.suppress(OSError, AttributeError):
+            MADV_HUGEPAGE = 14
+            ctypes.CDLL("libc.so.6").madvise(ctypes.c_void_p(pool.data_ptr()), ctypes.c_size_t(total // 4096 * 4096),
+                                             MADV_HUGEPAGE)
+    views = {}
+    for t in unique:
+        at = offsets[id(t)]
+        views[id(t)] = pool[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+    for m, name, t in buffers:
+        m._buffers[name] = views[id(t)]
+    return module
 
 
 # --- choosing kernels: each proves itself on first use of a device -------------------

@@ -130,6 +130,28 @@ def test_quantize_converts_every_matrix_and_keeps_the_rest(dtype, tie_weights):
     assert 0 < err <= tol
     with pytest.raises(gpt.GPTError, match="already quantized"):
         gpt.quantize(model, "int8")
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_quantized_weights_lie_in_one_buffer_on_a_huge_page(dtype, tie_weights, monkeypatch):
+    """quantize moves the stored weights and scales into one 2 MB-aligned buffer: the same values
+    as quantize_weight's own tensors, each view apart from the others, a tied table one view."""
+    alone = gpt.quantize(tiny_model(tie_weights), dtype)
+    with monkeypatch.context() as m:
+        m.setattr(gpt, "into_huge_pages", lambda module: module)
+        apart = gpt.quantize(tiny_model(tie_weights), dtype)
+    pooled = dict(alone.named_buffers(remove_duplicate=False))
+    assert pooled.keys() == dict(apart.named_buffers(remove_duplicate=False)).keys() and len(pooled) > 10
+    for name, t in apart.named_buffers(remove_duplicate=False):
+        assert pooled[name].dtype == t.dtype and torch.equal(pooled[name], t), name
+        assert pooled[name].is_contiguous()
+    views = {id(t): t for t in pooled.values()}.values()
+    assert len({t.untyped_storage().data_ptr() for t in views}) == 1
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in views if t.numel())
+    assert spans[0][0] % gpt.HUGE_PAGE == 0
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two overlap
+    assert (alone.lm_head.qweight is alone.wte.qweight) == tie_weights
     with pytest.raises(gpt.GPTError, match="dtype must be one of"):
         gpt.quantize(tiny_model(True), "float16")
 
