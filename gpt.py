@@ -1400,7 +1400,7 @@ def into_huge_pages(module):
     shared by two modules (a tied head) one view. Generation streams these weights from memory
     every token, and a tensor of its own sits in whatever pages malloc hands out, unaligned: the
     int8 matrices of gpt2-xl (2.6-10 MB each) had ~60% of their bytes in 2 MB pages and streamed
-    6-11% slower than from one aligned buffer (more TLB misses; the prefetchers stop at 4 KB pages)."""
+    6-11% slower than from one aligned buffer."""
     buffers = [(m, name, t) for m in module.modules() for name, t in m._buffers.items() if t is not None]
     unique = list({id(t): t for _, _, t in buffers}.values())
     offsets, total = {}, 0
@@ -1477,9 +1477,11 @@ def _cross_entropy_case(g, device, N, V, C=0):
 
 def _sample_case(g, device, B, V, settings=((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 1.0), (1.0, 0, 0.9),
                                             (0.7, 7, 0.5))):
-    """Tokens drawn per (temperature, top_k, top_p) from logits with ties, the last row broken (-1)."""
+    """Tokens drawn per (temperature, top_k, top_p) from logits with ties; of several rows, the
+    last broken (-1). (The timing case's one row is whole: a broken row is screened, not sampled.)"""
     logits = torch.randn(B, V, generator=g).mul(4).round().div(2)  # many ties
-    logits[-1, V // 2] = float("nan")
+    if B > 1:
+        logits[-1, V // 2] = float("nan")
     logits = logits.to(device)
     uniform = torch.rand(B, generator=g, dtype=torch.float64).to(device)
     return lambda: [_sample(logits, uniform, *s) for s in settings]

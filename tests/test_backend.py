@@ -76,6 +76,16 @@ def test_wrong_kernel_is_refused(fresh_check, monkeypatch, capsys):
     assert not gpt._ext_device_ok("sample", logits) and gpt._ext_device_ok("attention", logits)
 
 
+def test_sample_kernel_that_samples_a_broken_row_is_refused(fresh_check, monkeypatch, capsys):
+    """The check's sample case has a row with a NaN: a kernel that samples it anyway (here: NaN read
+    as 0) instead of returning -1 is refused."""
+    plant(monkeypatch, "sample", lambda real: lambda logits, *a: real(logits.nan_to_num(0.0), *a))
+    logits, uniform = sample_inputs()
+    gpt._sample(logits, uniform, 1.0, 0, 1.0)
+    err = capsys.readouterr().err
+    assert "gpt_ext sample kernel" in err and "failed its check" in err and "sample=torch" in err
+
+
 def test_slow_kernel_is_not_chosen(fresh_check, monkeypatch, capsys):
     def slow(real):
         def op(*args):
