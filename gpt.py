@@ -1220,12 +1220,12 @@ def decode_blocks(blocks, x, kv_cache, pos):
 # do), int8 products quantize the activations per block of 32 too and sum each block exactly in
 # integers (as llama.cpp's Q8_0; int8_linear_reference); both on AMX tiles from 5 rows, where
 # present. Many rows at once (the prompt) run as one bfloat16 GEMM per layer (oneDNN; AMX where
-# present).
+# present), or a float32 one on the dequantized weight where bf16 is not native (bf16_is_native).
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 QBLOCK = 32  # int8 weights per scale, along a row (the input dimension)
 # Up to this many rows (int8: with AMX tiles, without) a product runs in gpt::quantized_linear,
-# above as one bfloat16 GEMM. int8 products sum in integers on few rows: faster than
+# above as one GEMM. int8 products sum in integers on few rows: faster than
 # dequantizing the weight for a GEMM up to ~16 rows with VNNI, ~32 on AMX tiles. float32: the LM
 # head's product at generation (the blocks' products run in gpt::decode_blocks).
 _FEW_ROWS = {torch.float32: 16, torch.bfloat16: 8, torch.int8: 32 if torch.cpu._is_amx_tile_supported() else 16}
@@ -1245,10 +1245,9 @@ def product_paths(dtype, device="cpu"):
     if not _ext_device_ok("decode", probe):
         return "torch (F.linear" + (", weights widened per product)" if dtype != "float32" else ")")
     bits = torch.ops.gpt.product_paths(torch.empty(0, dtype=getattr(torch, dtype)))
-    rows = "AVX512-VNNI" if dtype == "int8" else "AVX-512"
-    if bits == 0:
-        return f"generic loops (no {rows} on this CPU, or GPT_CPU_ISA=generic: slow)"
-    return f"AMX tiles from 5 rows, {rows} below" if bits & 2 else rows
+    rows = ("generic loops (no AVX2 on this CPU, or GPT_CPU_ISA=generic: slow)", "AVX2",
+            "AVX512-VNNI" if dtype == "int8" else "AVX-512")[bits & 3]
+    return f"AMX tiles from 5 rows, {rows} below" if bits & 4 else rows
 
 
 def quantize_weight(w, dtype):
@@ -1330,7 +1329,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         x2d = x.reshape(-1, x.size(-1))
-        if x2d.size(0) > _FEW_ROWS[self.qweight.dtype]:  # the prompt: one bfloat16 GEMM
+        if x2d.size(0) > _FEW_ROWS[self.qweight.dtype] and not bf16_is_native(x2d.device):
+            y = F.linear(x2d.float(), self.weight, self.bias)  # the prompt: a float32 GEMM (emulated bf16: ~6x slower)
+        elif x2d.size(0) > _FEW_ROWS[self.qweight.dtype]:  # the prompt: one bfloat16 GEMM
             w = self.qweight if self.qweight.dtype == torch.bfloat16 else dequantize_bfloat16(self.qweight, self.scale)
             y = F.linear(x2d.bfloat16(), w).float()
             y = y + self.bias if self.bias is not None else y
@@ -1992,19 +1993,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 RUN_STEPS = {"float32": 220, "bfloat16": 720, "float16": 720}
 
 
+def bf16_is_native(device):
+    """Whether device multiplies bfloat16 natively: a CPU with AMX or AVX512-BF16 (as torch sees it), a
+    GPU with bf16. Elsewhere bf16 matrix products are emulated, slower than float32 ones (a 256-token
+    prompt's bf16 GEMMs took 6.6x float32's on an AMD EPYC with AVX2)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
 def pick_dtype(name, device):
     """The autocast dtype of --dtype name on device, and why. 'auto' is bfloat16 where the hardware
-    multiplies bf16 natively (a CPU with AMX or AVX512-BF16, a GPU with bf16), else float32: emulated
-    bf16 matrix products are slower than float32 ones. Master weights and AdamW state stay float32."""
+    multiplies bf16 natively (bf16_is_native), else float32: emulated bf16 matrix products are slower
+    than float32 ones. Master weights and AdamW state stay float32."""
     if name != "auto":
         return name, "--dtype"
-    if str(device).startswith("cuda"):
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bfloat16", "auto: the GPU multiplies bf16 natively"
-        return "float32", "auto: the GPU has no native bf16"
     if str(device).startswith("mps"):
         return "float32", "auto: bf16 on Apple MPS is untested here"
-    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+    if str(device).startswith("cuda"):
+        if bf16_is_native(device):
+            return "bfloat16", "auto: the GPU multiplies bf16 natively"
+        return "float32", "auto: the GPU has no native bf16"
+    if bf16_is_native(device):
         return "bfloat16", "auto: the CPU multiplies bf16 natively (AMX or AVX512-BF16)"
     return "float32", "auto: the CPU has no native bf16 (AMX or AVX512-BF16), emulated bf16 is slower"
 

@@ -11,8 +11,8 @@ as the kernel does): both sides then compute the same function, so the tolerance
 (1e-5), not the rounding's (see assert_same_step for where bf16 roundings loosen it to 1e-4); with
 a bfloat16 KV cache (what bf16 and int8 weights decode with) both sides read the same rounded cache.
 Every test runs on the CPU's best path (bf16 and int8 products of 5 or more rows on AMX tiles
-where present), on AVX-512 without AMX (GPT_CPU_ISA=avx512) and on the generic one
-(GPT_CPU_ISA=generic)."""
+where present), on AVX-512 without AMX (GPT_CPU_ISA=avx512), on AVX2 (GPT_CPU_ISA=avx2) and on the
+generic one (GPT_CPU_ISA=generic)."""
 import copy
 
 import pytest
@@ -21,9 +21,10 @@ import torch
 import gpt
 
 
-@pytest.fixture(params=["best", "avx512", "generic"])
+@pytest.fixture(params=["best", "avx512", "avx2", "generic"])
 def isa(request, monkeypatch):
-    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, generic."""
+    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, AVX2, generic (a
+    path the CPU lacks runs the best one it has below it)."""
     if request.param != "best":
         monkeypatch.setenv("GPT_CPU_ISA", request.param)
     return request.param
@@ -39,19 +40,37 @@ def random_block(n_head, n_embd, block_size, qkv_bias, scale=1.0, seed=0, config
     return cfg, block
 
 
+class Int8Reference(torch.nn.Module):
+    """An int8 QuantizedLinear as the kernel computes it at any number of rows: the activations
+    quantized per block of 32 too (gpt.int8_linear_reference)."""
+
+    def __init__(self, quantized):
+        super().__init__()
+        self.quantized = quantized
+
+    def forward(self, x):
+        q = self.quantized
+        return gpt.int8_linear_reference(x.reshape(-1, x.size(-1)), q.qweight, q.scale, q.bias).view(*x.shape[:-1], -1)
+
+
 def stored_and_reference(block, dtype):
     """(block with its matrices stored in dtype, its reference): for bfloat16, a float32 block holding
     the dequantized weights whose matrices round their input to bf16 (what the kernel multiplies);
-    for int8, the stored block itself, whose torch path quantizes the activations as the kernel
-    does (gpt.int8_linear_reference). (The stored bf16 block's own torch path would not do: above 8
-    rows it is the prompt's bf16 GEMM, whose output is bf16.)"""
+    for int8, the stored block with each matrix an Int8Reference. (The stored block's own torch path
+    would not do: above a few rows -- 8 for bf16, 16 or 32 for int8 -- it is the prompt's bf16 GEMM,
+    whose output is bf16.)"""
     stored = copy.deepcopy(block)
     for module in list(stored.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and dtype != "float32":
                 setattr(module, name, gpt.QuantizedLinear(child, dtype))
     if dtype == "int8":
-        return stored, stored
+        reference = copy.deepcopy(stored)
+        for module in list(reference.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, gpt.QuantizedLinear):
+                    setattr(module, name, Int8Reference(child))
+        return stored, reference
     reference = copy.deepcopy(block)
     with torch.no_grad():
         for (name, linear), (_, q) in zip(reference.named_modules(), stored.named_modules()):

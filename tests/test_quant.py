@@ -1,7 +1,7 @@
 """Weights stored in bfloat16 or int8 (gpt.quantize): the int8 rule (C++ against its torch
 reference, bit for bit, and the error bound it promises), gpt::quantized_linear against F.linear
 of the dequantized weight on the activations as the kernel takes them (float32 tolerance), the
-float32 LM head at few rows, what quantize converts and keeps, the prompt's bfloat16 GEMMs,
+float32 LM head at few rows, what quantize converts and keeps, the prompt's GEMMs (bf16 where native),
 generation from stored weights on both backends, how close bf16 and int8 stay to float32 (tokens,
 perplexity), and generate's inputs (list, 1-D, 2-D)."""
 import pytest
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import gpt
 
 
-@pytest.fixture(params=["best", "avx512", "generic"])
+@pytest.fixture(params=["best", "avx512", "avx2", "generic"])
 def isa(request, monkeypatch):
-    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, generic."""
+    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, AVX2, generic (a
+    path the CPU lacks runs the best one it has below it)."""
     if request.param != "best":
         monkeypatch.setenv("GPT_CPU_ISA", request.param)
     return request.param
@@ -156,20 +157,26 @@ def test_quantized_weights_lie_in_one_buffer_on_a_huge_page(dtype, tie_weights, 
         gpt.quantize(tiny_model(True), "float16")
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_the_prompt_runs_as_bfloat16_gemms(dtype, monkeypatch):
-    """More than a few rows: F.linear on bfloat16 operands (oneDNN), float32 out, close to float32
-    with the same stored weights (bfloat16 activations: ~3 significant digits)."""
+def test_the_prompt_runs_as_one_gemm(dtype, native, monkeypatch):
+    """More than a few rows: F.linear on bfloat16 operands (oneDNN) where the CPU multiplies bf16
+    natively, on float32 ones (the dequantized weight) where it does not; float32 out, close to
+    float32 with the same stored weights (bfloat16 activations: ~3 significant digits)."""
+    monkeypatch.setattr(gpt, "bf16_is_native", lambda device: native)
     model = tiny_model(False)
     gpt.quantize(model, dtype)
+    idx = torch.randint(50257, (2, gpt._FEW_ROWS[model.lm_head.qweight.dtype] // 2 + 1))
+    with torch.no_grad():
+        model(idx)  # (the first forward may run the kernel check, whose torch side calls F.linear too)
     seen = []
     linear = F.linear
     monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append((x.dtype, w.dtype)) or linear(x, w, b))
-    idx = torch.randint(50257, (2, gpt._FEW_ROWS[model.lm_head.qweight.dtype] // 2 + 1))
     with torch.no_grad():
         got = model(idx)
     monkeypatch.setattr(F, "linear", linear)
-    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    operands = torch.bfloat16 if native else torch.float32
+    assert seen and set(seen) == {(operands, operands)}
     assert len(seen) == 2 * 4 + 1  # 4 matrices per block and the LM head
     reference = tiny_model(False)  # float32, holding the dequantized weights
     with torch.no_grad():
@@ -330,16 +337,21 @@ def test_product_paths_name_what_the_cpu_runs(ext, monkeypatch):
     if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     avx512 = {"avx512f", "avx512bw", "avx512vl", "f16c"} <= flags
+    avx2 = {"avx2", "fma", "f16c"} <= flags
     vnni = avx512 and "avx512_vnni" in flags
     amx = vnni and {"amx_tile", "amx_int8"} <= flags
-    want = {"float32": "AVX-512" if avx512 else "generic loops",
-            "bfloat16": ("AMX tiles from 5 rows, AVX-512 below" if amx and "amx_bf16" in flags else
-                         "AVX-512" if avx512 else "generic loops"),
-            "int8": "AMX tiles from 5 rows, AVX512-VNNI below" if amx else "AVX512-VNNI" if vnni else "generic loops"}
+    rows = "AVX-512" if avx512 else "AVX2" if avx2 else "generic loops"
+    want = {"float32": rows,
+            "bfloat16": "AMX tiles from 5 rows, AVX-512 below" if amx and "amx_bf16" in flags else rows,
+            "int8": ("AMX tiles from 5 rows, AVX512-VNNI below" if amx else "AVX512-VNNI" if vnni else
+                     "AVX2" if avx2 else "generic loops")}
     for dtype, words in want.items():
         assert gpt.product_paths(dtype).startswith(words), (dtype, gpt.product_paths(dtype))
     monkeypatch.setenv("GPT_CPU_ISA", "avx512")
     assert all("AMX" not in gpt.product_paths(d) for d in want)
+    monkeypatch.setenv("GPT_CPU_ISA", "avx2")
+    assert all(gpt.product_paths(d) == ("AVX2" if avx2 else "generic loops (no AVX2 on this CPU, or GPT_CPU_ISA=generic: slow)")
+               for d in want)
     monkeypatch.setenv("GPT_CPU_ISA", "generic")
     assert all(gpt.product_paths(d).startswith("generic loops") for d in want)
     with gpt.backend("torch"):

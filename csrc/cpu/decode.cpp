@@ -22,9 +22,10 @@
 // bf16 and int8 products run on AMX tiles where the CPU has them (bf16: 16 rows of W by 16 of x per
 // block of 32 columns; int8: 16 by 8 per pair of blocks): the widening FMAs of 8 rows of x made a
 // bf16 product ~1.4x slower than reading its weights. gpt::quantized_linear is the same product
-// alone, for the LM head and short prompts. Builds of the products: AMX (AMX-INT8, AMX-BF16), AVX-512 (intrinsics, AVX512-VNNI for
-// int8), picked at run time, and a generic one; GPT_CPU_ISA=avx512 leaves AMX out, =generic
-// forces the generic one (for tests). All compute the same block sums.
+// alone, for the LM head and short prompts. Builds of the products: AMX (AMX-INT8, AMX-BF16),
+// AVX-512 (intrinsics, AVX512-VNNI for int8), AVX2 (with FMA and F16C), picked at run time, and a
+// generic one; GPT_CPU_ISA=avx512 leaves AMX out, =avx2 AVX-512 too, =generic forces the generic
+// one (for tests). All compute the same block sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -237,13 +238,14 @@ void dot_rows_generic_int8(const Matrix& m, int64_t n, const Rows& x, float* s) 
     for (int b = 0; b < NB; b++) s[r * NB + b] = acc[r][b];
 }
 
-// The paths a call may take: the best the CPU has, no AMX (GPT_CPU_ISA=avx512 or avx2), or the
-// generic ones (GPT_CPU_ISA=generic); the tests run each.
-enum Isa { kBest, kNoAmx, kGeneric };
+// The paths a call may take, from the best the CPU has down: no AMX (GPT_CPU_ISA=avx512), no
+// AVX-512 (GPT_CPU_ISA=avx2), or the generic ones (GPT_CPU_ISA=generic); the tests run each.
+enum Isa { kBest, kNoAmx, kAvx2, kGeneric };
 
 Isa forced_isa() {
   const char* force = std::getenv("GPT_CPU_ISA");
   if (force == nullptr || std::strcmp(force, "amx") == 0) return kBest;
+  if (std::strcmp(force, "avx2") == 0) return kAvx2;
   return std::strcmp(force, "generic") == 0 ? kGeneric : kNoAmx;
 }
 
@@ -544,6 +546,160 @@ GPT_AVX512 void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float*
   }
 }
 
+// AVX2 (with FMA and F16C): the same products 8 lanes wide, for the CPUs without AVX-512 (AMD
+// before Zen 4, Intel client cores). 16 ymm registers hold at most 8 accumulators with the loads
+// beside them, so R * NB > 8 runs as two halves of R / 2 rows of W (each row still read once).
+// There are no masked byte loads: a partial last block or vector goes through a zero-padded copy.
+#define GPT_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+GPT_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+GPT_AVX2 inline __m256 load8(const at::BFloat16* p) {  // bf16 is float32's top half
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+GPT_AVX2 inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// float32 or bf16: 16 weights per step (two vectors), the last K % 16 in a zero-padded copy.
+template <class T, int R, int NB>
+GPT_AVX2 void dot_rows_avx2(const Matrix& m, int64_t n, const Rows& rows, float* s) {
+  if constexpr (R * NB > 8) {
+    dot_rows_avx2<T, R / 2, NB>(m, n, rows, s);
+    dot_rows_avx2<T, R / 2, NB>(m, n + R / 2, rows, s + R / 2 * NB);
+  } else {
+    const int64_t K = m.K, K16 = K - K % 16;
+    const T* w = static_cast<const T*>(m.w) + n * K;
+    const float* x = rows.x;
+    __m256 acc[R][NB];
+    GPT_UNROLL for (int r = 0; r < R; r++)
+      GPT_UNROLL for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
+    const auto step = [&](const T* const* wr, const float* const* xb) GPT_AVX2 {
+      __m256 x0[NB], x1[NB];
+      GPT_UNROLL for (int b = 0; b < NB; b++) x0[b] = _mm256_loadu_ps(xb[b]), x1[b] = _mm256_loadu_ps(xb[b] + 8);
+      GPT_UNROLL for (int r = 0; r < R; r++) {
+        const __m256 w0 = load8(wr[r]), w1 = load8(wr[r] + 8);
+        GPT_UNROLL for (int b = 0; b < NB; b++) acc[r][b] = _mm256_fmadd_ps(w1, x1[b], _mm256_fmadd_ps(w0, x0[b], acc[r][b]));
+      }
+    };
+    for (int64_t i = 0; i < K16; i += 16) {
+      const T* wr[R];
+      const float* xb[NB];
+      GPT_UNROLL for (int r = 0; r < R; r++) {
+        wr[r] = w + r * K + i;
+        if constexpr (!std::is_same<T, float>::value) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + R * K), _MM_HINT_T0);
+      }
+      GPT_UNROLL for (int b = 0; b < NB; b++) xb[b] = x + b * K + i;
+      step(wr, xb);
+    }
+    if (K16 < K) {
+      T wpad[R][16] = {};
+      float xpad[NB][16] = {};
+      const T* wr[R];
+      const float* xb[NB];
+      for (int r = 0; r < R; r++) std::memcpy(wpad[r], w + r * K + K16, (K - K16) * sizeof(T)), wr[r] = wpad[r];
+      for (int b = 0; b < NB; b++) std::memcpy(xpad[b], x + b * K + K16, (K - K16) * sizeof(float)), xb[b] = xpad[b];
+      step(wr, xb);
+    }
+    GPT_UNROLL for (int r = 0; r < R; r++)
+      GPT_UNROLL for (int b = 0; b < NB; b++) s[r * NB + b] = reduce_add8(acc[r][b]);
+  }
+}
+
+// int8 with AVX2, a block of 32 per step, as llama.cpp's Q8_0 x Q8_0: vpmaddubsw multiplies
+// unsigned by signed bytes, so it takes |x| and the weights with x's sign moved onto them (vpsignb),
+// summing pairs into 16-bit lanes (at most 2 * 127 * 127: no saturation); vpmaddwd by ones sums
+// those into 8 int32 lanes, which take the block's dw * dx. The scales of 8 blocks at a time are
+// widened together (vcvtph2ps) into a small array.
+template <int R, int NB>
+GPT_AVX2 void dot_rows_avx2_int8(const Matrix& m, int64_t n, const Rows& x, float* s) {
+  if constexpr (R * NB > 8) {
+    dot_rows_avx2_int8<R / 2, NB>(m, n, x, s);
+    dot_rows_avx2_int8<R / 2, NB>(m, n + R / 2, x, s + R / 2 * NB);
+  } else {
+    const int64_t K = m.K, nblk = (K + QBLOCK - 1) / QBLOCK;
+    const int8_t* w = static_cast<const int8_t*>(m.w) + n * K;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[R][NB];
+    GPT_UNROLL for (int r = 0; r < R; r++)
+      GPT_UNROLL for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
+    alignas(32) float scales[R][NB][8];
+    for (int64_t j = 0; j < nblk; j++) {
+      if (j % 8 == 0) {  // dw * dx of the next 8 blocks (fewer at a row's end: a zero-padded copy)
+        const int64_t nb8 = std::min<int64_t>(8, nblk - j);
+        GPT_UNROLL for (int r = 0; r < R; r++) {
+          const at::Half* dw_at = m.scale + (n + r) * nblk + j;
+          alignas(16) at::Half dw_pad[8] = {};
+          if (nb8 < 8) std::copy(dw_at, dw_at + nb8, dw_pad), dw_at = dw_pad;
+          const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dw_at)));
+          GPT_UNROLL for (int b = 0; b < NB; b++) {
+            const float* dx_at = x.d + b * nblk + j;
+            alignas(32) float dx_pad[8] = {};
+            if (nb8 < 8) std::copy(dx_at, dx_at + nb8, dx_pad), dx_at = dx_pad;
+            _mm256_store_ps(scales[r][b], _mm256_mul_ps(dw, _mm256_loadu_ps(dx_at)));
+          }
+        }
+      }
+      const int64_t i = j * QBLOCK;
+      const bool full = K - i >= QBLOCK;
+      alignas(32) int8_t pad[R + NB][QBLOCK];
+      if (!full) {
+        std::memset(pad, 0, sizeof(pad));
+        for (int r = 0; r < R; r++) std::memcpy(pad[r], w + r * K + i, K - i);
+        for (int b = 0; b < NB; b++) std::memcpy(pad[R + b], x.q + b * K + i, K - i);
+      }
+      __m256i xq[NB], xabs[NB];
+      GPT_UNROLL for (int b = 0; b < NB; b++) {
+        xq[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(full ? x.q + b * K + i : pad[R + b]));
+        xabs[b] = _mm256_sign_epi8(xq[b], xq[b]);
+      }
+      GPT_UNROLL for (int r = 0; r < R; r++) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + i + R * K), _MM_HINT_T0);  // (int8 streaming: 11 -> 18 GB/s)
+        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(full ? w + r * K + i : pad[r]));
+        GPT_UNROLL for (int b = 0; b < NB; b++) {
+          const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(xabs[b], _mm256_sign_epi8(wq, xq[b])), ones);
+          acc[r][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_broadcast_ss(&scales[r][b][j % 8]), acc[r][b]);
+        }
+      }
+    }
+    GPT_UNROLL for (int r = 0; r < R; r++)
+      GPT_UNROLL for (int b = 0; b < NB; b++) s[r * NB + b] = reduce_add8(acc[r][b]);
+  }
+}
+
+// quantize_row_generic's rule, a block of 32 at a time (a partial last block takes the generic loop).
+GPT_AVX2 void quantize_row_avx2(const float* x, int64_t K, int8_t* q, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  int64_t j = 0;
+  for (; (j + 1) * QBLOCK <= K; j++) {
+    const int64_t i = j * QBLOCK;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    GPT_UNROLL for (int c = 0; c < 4; c++) {
+      v[c] = _mm256_loadu_ps(x + i + 8 * c);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[c]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float dj = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(dj > 0.0f ? 1.0f / dj : 0.0f);
+    d[j] = dj;
+    __m256i qi[4];
+    GPT_UNROLL for (int c = 0; c < 4; c++) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[c], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      qi[c] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+    }
+    // The packs interleave 128-bit lanes: 4-byte groups come out as 0,2,4,6,1,3,5,7 of the 8 wanted.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  if (j * QBLOCK < K) quantize_row_generic(x + j * QBLOCK, K - j * QBLOCK, q + j * QBLOCK, d + j);
+}
+
 bool has_avx512() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -579,12 +735,21 @@ bool has_amx_bf16() {
   return has && has_amx();
 }
 
-bool use_avx512() { return has_avx512() && forced_isa() != kGeneric; }
+bool has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+
+bool use_avx512() { return has_avx512() && forced_isa() < kAvx2; }
 #else
 bool has_amx() { return false; }
 bool has_amx_bf16() { return false; }
 bool has_avx512() { return false; }
 bool has_vnni() { return false; }
+bool has_avx2() { return false; }
 bool use_avx512() { return false; }
 #endif
 
@@ -593,15 +758,17 @@ using DotRows = void (*)(const Matrix&, int64_t, const Rows&, float*);
 using DotUnit = void (*)(const Matrix&, int64_t, const XRows&, int64_t, float*);
 
 template <class T, int R, int NB>
-DotRows pick_dot_rows(bool native) {
+DotRows pick_dot_rows(Isa isa) {
   if constexpr (std::is_same<T, int8_t>::value) {
 #if GPT_X86
-    if (native && has_vnni()) return &dot_rows_vnni_int8<R, NB>;
+    if (isa < kAvx2 && has_vnni()) return &dot_rows_vnni_int8<R, NB>;
+    if (isa < kGeneric && has_avx2()) return &dot_rows_avx2_int8<R, NB>;
 #endif
     return &dot_rows_generic_int8<R, NB>;
   } else {
 #if GPT_X86
-    if (native && has_avx512()) return &dot_rows_avx512<T, R, NB>;
+    if (isa < kAvx2 && has_avx512()) return &dot_rows_avx512<T, R, NB>;
+    if (isa < kGeneric && has_avx2()) return &dot_rows_avx2<T, R, NB>;
 #endif
     return &dot_rows_generic<T, R, NB>;
   }
@@ -620,9 +787,10 @@ struct DotTable {
 
 template <class T>
 DotTable dot_table(Isa isa) {
-  const bool native = isa != kGeneric;
 #if GPT_X86
-  const QuantizeRow quantize = native && has_avx512() ? &quantize_row_avx512 : &quantize_row_generic;
+  const QuantizeRow quantize = isa < kAvx2 && has_avx512()    ? &quantize_row_avx512
+                               : isa < kGeneric && has_avx2() ? &quantize_row_avx2
+                                                              : &quantize_row_generic;
   DotUnit amx = nullptr;
   if (isa == kBest && std::is_same<T, int8_t>::value && has_amx()) amx = &dot_unit_amx_int8;
   if (isa == kBest && std::is_same<T, at::BFloat16>::value && has_amx_bf16()) amx = &dot_unit_amx_bf16;
@@ -630,19 +798,20 @@ DotTable dot_table(Isa isa) {
   const QuantizeRow quantize = &quantize_row_generic;
   const DotUnit amx = nullptr;
 #endif
-  return {{{pick_dot_rows<T, 1, 1>(native), pick_dot_rows<T, 1, 2>(native), pick_dot_rows<T, 1, 3>(native),
-            pick_dot_rows<T, 1, 4>(native)},
-           {pick_dot_rows<T, 4, 1>(native), pick_dot_rows<T, 4, 2>(native), pick_dot_rows<T, 4, 3>(native),
-            pick_dot_rows<T, 4, 4>(native)}},
+  return {{{pick_dot_rows<T, 1, 1>(isa), pick_dot_rows<T, 1, 2>(isa), pick_dot_rows<T, 1, 3>(isa),
+            pick_dot_rows<T, 1, 4>(isa)},
+           {pick_dot_rows<T, 4, 1>(isa), pick_dot_rows<T, 4, 2>(isa), pick_dot_rows<T, 4, 3>(isa),
+            pick_dot_rows<T, 4, 4>(isa)}},
           quantize, amx};
 }
 
 // The kernels for a kind of matrix, picked once (GPT_CPU_ISA=generic is read per call instead:
 // the tests set it between calls).
 const DotTable& dot_table(Kind kind, Isa isa) {
-  static const DotTable tables[3][3] = {
+  static const DotTable tables[4][3] = {
       {dot_table<float>(kBest), dot_table<at::BFloat16>(kBest), dot_table<int8_t>(kBest)},
       {dot_table<float>(kNoAmx), dot_table<at::BFloat16>(kNoAmx), dot_table<int8_t>(kNoAmx)},
+      {dot_table<float>(kAvx2), dot_table<at::BFloat16>(kAvx2), dot_table<int8_t>(kAvx2)},
       {dot_table<float>(kGeneric), dot_table<at::BFloat16>(kGeneric), dot_table<int8_t>(kGeneric)}};
   return tables[isa][static_cast<int>(kind)];
 }
@@ -970,7 +1139,7 @@ at::Tensor decode_blocks_cpu(const at::Tensor& x, at::TensorList w, at::TensorLi
   }
   const int64_t H = caches[0].size(1), L = caches[0].size(2), D = caches[0].size(3);
   const bool bf16_cache = caches[0].scalar_type() == at::kBFloat16;
-  const bool avx512 = isa != kGeneric && has_avx512();  // attention's kernel
+  const bool avx512 = isa < kAvx2 && has_avx512();  // attention's kernel
 
   at::Tensor out = x.clone();
   at::Tensor h = at::empty({B, C}, x.options()), qkv = at::empty({B, 3 * C}, x.options());
@@ -1115,15 +1284,32 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
   return out;
 }
 
-// Read off the kernels dot_table picked: vector rows unless they are the generic loops, tiles where
-// it has an AMX product.
+// Read off the kernels dot_table picked: the rows' kernel (0 generic, 1 AVX2, 2 AVX-512 or, for
+// int8, AVX512-VNNI), plus 4 where it has an AMX product.
+template <class T>
+int64_t rows_path(const DotTable& t) {
+  const DotRows picked = t.f[1][0];
+  if constexpr (std::is_same<T, int8_t>::value) {
+#if GPT_X86
+    if (picked == &dot_rows_vnni_int8<kRows, 1>) return 2;
+    if (picked == &dot_rows_avx2_int8<kRows, 1>) return 1;
+#endif
+  } else {
+#if GPT_X86
+    if (picked == &dot_rows_avx512<T, kRows, 1>) return 2;
+    if (picked == &dot_rows_avx2<T, kRows, 1>) return 1;
+#endif
+  }
+  return 0;
+}
+
 int64_t product_paths_cpu(const at::Tensor& weight) {
   const Kind kind = kind_of(weight, "product_paths");
   const DotTable& t = dot_table(kind, forced_isa());
-  const DotRows generic = kind == Kind::I8     ? &dot_rows_generic_int8<kRows, 1>
-                          : kind == Kind::BF16 ? &dot_rows_generic<at::BFloat16, kRows, 1>
-                                               : &dot_rows_generic<float, kRows, 1>;
-  return (t.f[1][0] != generic ? 1 : 0) | (t.amx ? 2 : 0);
+  const int64_t rows = kind == Kind::I8     ? rows_path<int8_t>(t)
+                       : kind == Kind::BF16 ? rows_path<at::BFloat16>(t)
+                                            : rows_path<float>(t);
+  return rows | (t.amx ? 4 : 0);
 }
 
 }  // namespace
