@@ -1329,12 +1329,13 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         x2d = x.reshape(-1, x.size(-1))
-        if x2d.size(0) > _FEW_ROWS[self.qweight.dtype] and not bf16_is_native(x2d.device):
-            y = F.linear(x2d.float(), self.weight, self.bias)  # the prompt: a float32 GEMM (emulated bf16: ~6x slower)
-        elif x2d.size(0) > _FEW_ROWS[self.qweight.dtype]:  # the prompt: one bfloat16 GEMM
-            w = self.qweight if self.qweight.dtype == torch.bfloat16 else dequantize_bfloat16(self.qweight, self.scale)
-            y = F.linear(x2d.bfloat16(), w).float()
-            y = y + self.bias if self.bias is not None else y
+        if x2d.size(0) > _FEW_ROWS[self.qweight.dtype]:  # the prompt: one GEMM
+            if bf16_is_native(x2d.device):  # in bfloat16 (oneDNN, AMX where present)
+                w = self.qweight if self.qweight.dtype == torch.bfloat16 else dequantize_bfloat16(self.qweight, self.scale)
+                y = F.linear(x2d.bfloat16(), w).float()
+                y = y + self.bias if self.bias is not None else y
+            else:  # in float32, on the dequantized weight: emulated bf16 GEMMs take ~6x as long
+                y = F.linear(x2d.float(), self.weight, self.bias)
         elif _few_rows_kernel_ok(x2d, self.qweight.dtype):
             bias = self.bias if self.bias is not None else x.new_empty(0)
             y = torch.ops.gpt.quantized_linear(x2d.float().contiguous(), self.qweight, self.scale, bias)
