@@ -53,6 +53,15 @@ class Int8Reference(torch.nn.Module):
         return gpt.int8_linear_reference(x.reshape(-1, x.size(-1)), q.qweight, q.scale, q.bias).view(*x.shape[:-1], -1)
 
 
+def swap_children(module, kind, make):
+    """Replaces every submodule of module that is a `kind` by make(it); returns module."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                setattr(parent, name, make(child))
+    return module
+
+
 def stored_and_reference(block, dtype):
     """(block with its matrices stored in dtype, its reference): for bfloat16, a float32 block holding
     the dequantized weights whose matrices round their input to bf16 (what the kernel multiplies);
@@ -60,17 +69,10 @@ def stored_and_reference(block, dtype):
     would not do: above a few rows -- 8 for bf16, 16 or 32 for int8 -- it is the prompt's bf16 GEMM,
     whose output is bf16.)"""
     stored = copy.deepcopy(block)
-    for module in list(stored.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and dtype != "float32":
-                setattr(module, name, gpt.QuantizedLinear(child, dtype))
+    if dtype != "float32":
+        swap_children(stored, torch.nn.Linear, lambda linear: gpt.QuantizedLinear(linear, dtype))
     if dtype == "int8":
-        reference = copy.deepcopy(stored)
-        for module in list(reference.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, gpt.QuantizedLinear):
-                    setattr(module, name, Int8Reference(child))
-        return stored, reference
+        return stored, swap_children(copy.deepcopy(stored), gpt.QuantizedLinear, Int8Reference)
     reference = copy.deepcopy(block)
     with torch.no_grad():
         for (name, linear), (_, q) in zip(reference.named_modules(), stored.named_modules()):
