@@ -11,7 +11,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # -O3 and OpenMP SIMD for the CPU loops; the ISA-specific paths (AVX2/AVX-512) are picked at
 # run time by target_clones in the kernels, so the build never assumes the build machine's CPU.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]  # the C++ standard: torch's own (17 or 20)
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]  # the C++ standard: torch's own
+# -fno-trapping-math lets GCC turn a loop's compares and selects (exp_approx's and GELU's clamps) into
+# blends: without it the AVX2 and SSE clones of those loops stay scalar ("control flow in loop"). We
+# never read the FP exception flags, so no result changes.
 # No --use_fast_math: its flush-to-zero made a subnormal probability count as not kept in sampling.
 # The one fast intrinsic left is cross_entropy.cu's __expf, where a flushed exp(x - max) < 2^-126 moves a
 # loss or a gradient by less than float32 can show.
