@@ -1362,13 +1362,18 @@ class QuantizedEmbedding(nn.Module):
         return dequantize_weight(self.qweight[idx], self.scale[idx] if self.scale.numel() else self.scale)
 
 
-def quantize_linears(module, dtype):
-    """Replaces every nn.Linear inside module by a QuantizedLinear storing its weight in dtype."""
+def swap_modules(module, kind, make):
+    """Replaces every submodule of module that is a `kind` by make(it); returns module."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, QuantizedLinear(child, dtype))
+            if isinstance(child, kind):
+                setattr(parent, name, make(child))
     return module
+
+
+def quantize_linears(module, dtype):
+    """Replaces every nn.Linear inside module by a QuantizedLinear storing its weight in dtype."""
+    return swap_modules(module, nn.Linear, lambda linear: QuantizedLinear(linear, dtype))
 
 
 def quantize(model, dtype):

@@ -53,15 +53,6 @@ class Int8Reference(torch.nn.Module):
         return gpt.int8_linear_reference(x.reshape(-1, x.size(-1)), q.qweight, q.scale, q.bias).view(*x.shape[:-1], -1)
 
 
-def swap_children(module, kind, make):
-    """Replaces every submodule of module that is a `kind` by make(it); returns module."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kind):
-                setattr(parent, name, make(child))
-    return module
-
-
 def stored_and_reference(block, dtype):
     """(block with its matrices stored in dtype, its reference): for bfloat16, a float32 block holding
     the dequantized weights whose matrices round their input to bf16 (what the kernel multiplies);
@@ -70,9 +61,9 @@ def stored_and_reference(block, dtype):
     whose output is bf16.)"""
     stored = copy.deepcopy(block)
     if dtype != "float32":
-        swap_children(stored, torch.nn.Linear, lambda linear: gpt.QuantizedLinear(linear, dtype))
+        gpt.quantize_linears(stored, dtype)
     if dtype == "int8":
-        return stored, swap_children(copy.deepcopy(stored), gpt.QuantizedLinear, Int8Reference)
+        return stored, gpt.swap_modules(copy.deepcopy(stored), gpt.QuantizedLinear, Int8Reference)
     reference = copy.deepcopy(block)
     with torch.no_grad():
         for (name, linear), (_, q) in zip(reference.named_modules(), stored.named_modules()):

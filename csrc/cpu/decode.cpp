@@ -666,7 +666,7 @@ GPT_AVX2 void dot_rows_avx2_int8(const Matrix& m, int64_t n, const Rows& x, floa
         step(wr, xb, static_cast<int>(j - j0));
       }
     }
-    if (nfull < nblk) {  // a partial last block: a zero-padded copy
+    if (nfull < nblk) {  // a partial last block: a zero-padded copy (scales still hold its group's)
       const int64_t i = nfull * QBLOCK;
       alignas(32) int8_t pad[R + NB][QBLOCK] = {};
       const int8_t* wr[R];
