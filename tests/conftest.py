@@ -26,6 +26,15 @@ def torch_backend():
         yield
 
 
+@pytest.fixture(params=["best", "avx512", "avx2", "generic"])
+def product_isa(request, monkeypatch):
+    """Which products the decode kernels run (GPT_CPU_ISA): the CPU's best (AMX tiles where present),
+    AVX-512 without AMX, AVX2, generic (a path the CPU lacks runs the best one it has below it)."""
+    if request.param != "best":
+        monkeypatch.setenv("GPT_CPU_ISA", request.param)
+    return request.param
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -21,15 +21,6 @@ import torch
 import gpt
 
 
-@pytest.fixture(params=["best", "avx512", "avx2", "generic"])
-def isa(request, monkeypatch):
-    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, AVX2, generic (a
-    path the CPU lacks runs the best one it has below it)."""
-    if request.param != "best":
-        monkeypatch.setenv("GPT_CPU_ISA", request.param)
-    return request.param
-
-
 def random_block(n_head, n_embd, block_size, qkv_bias, scale=1.0, seed=0, config_cls=gpt.GPTConfig, **fields):
     torch.manual_seed(seed)
     cfg = config_cls(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=block_size, qkv_bias=qkv_bias, **fields)
@@ -112,7 +103,7 @@ def run_block(block, cfg, x, pos, backend, cache_dtype=torch.float32):
     (1, 144, 2, 20, True),   # head size 144: attention past the AVX-512 kernel's 128 takes the generic loops
 ])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv_bias, cache_dtype):
+def test_decode_block_matches_torch(ext, product_isa, dtype, n_head, n_embd, B, pos, qkv_bias, cache_dtype):
     cfg, block = random_block(n_head, n_embd, 32 if n_embd < 768 else 128, qkv_bias)
     stored, reference = stored_and_reference(block, dtype)
     x = torch.randn(B, 1, n_embd)
@@ -123,7 +114,7 @@ def test_decode_block_matches_torch(ext, isa, dtype, n_head, n_embd, B, pos, qkv
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_decode_block_large_values(ext, isa, dtype):
+def test_decode_block_large_values(ext, product_isa, dtype):
     """Large weights and inputs: attention scores in the hundreds (a near one-hot softmax), GELU
     far out on both tails."""
     cfg, block = random_block(4, 64, 32, True, scale=8.0)
@@ -136,7 +127,7 @@ def test_decode_block_large_values(ext, isa, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("shape", [(5, 85, 5), (2, 64, 8)])
-def test_decode_blocks_runs_a_stack_of_blocks(ext, isa, dtype, shape):
+def test_decode_blocks_runs_a_stack_of_blocks(ext, product_isa, dtype, shape):
     """Three blocks with their own weights and caches in one call: each layer's output feeds the
     next, each writes its own cache (awkward sizes: head size 17, B = 5; or C = 64, B = 8: int8 on AMX
     tiles where present)."""

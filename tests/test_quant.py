@@ -11,15 +11,6 @@ import torch.nn.functional as F
 import gpt
 
 
-@pytest.fixture(params=["best", "avx512", "avx2", "generic"])
-def isa(request, monkeypatch):
-    """The CPU's best products (AMX tiles where present), AVX-512 without AMX, AVX2, generic (a
-    path the CPU lacks runs the best one it has below it)."""
-    if request.param != "best":
-        monkeypatch.setenv("GPT_CPU_ISA", request.param)
-    return request.param
-
-
 def awkward_weight(N, K, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.02
@@ -70,7 +61,7 @@ def test_int8_refuses_weights_it_cannot_store(ext, bad):
                                         # 16), 34 blocks (17 pairs: groups of 4, 1 left); K = 96: int8 on VNNI
                                         (16, 48, 96, True), (33, 67, 1088, True), (5, 16, 32, False),
                                         (8, 37, 192, True), (5, 16, 64, False), (16, 35, 320, False)])
-def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K, bias):
+def test_quantized_linear_matches_dequantized_f_linear(ext, product_isa, dtype, M, N, K, bias):
     w = awkward_weight(N, K)
     stored, scale = gpt.quantize_weight(w, dtype) if dtype != "float32" else (w, torch.empty(0))
     x = 3 * torch.randn(M, K)
@@ -85,7 +76,7 @@ def test_quantized_linear_matches_dequantized_f_linear(ext, isa, dtype, M, N, K,
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 33), (67, 85), (4, 768), (3, 1061)])
-def test_dequantize_to_bfloat16_is_one_rounding(ext, isa, N, K):
+def test_dequantize_to_bfloat16_is_one_rounding(ext, product_isa, N, K):
     q, scale = gpt.quantize_weight(awkward_weight(N, K), "int8")
     if N > 2:
         scale[N - 1, -1] = float("nan")  # (quantize_weight refuses NaN weights; a damaged file could hold one)
@@ -304,7 +295,7 @@ def test_int8_products_err_by_at_most_half_an_activation_step():
     assert error.max() > 0  # (x is quantized: the products do differ)
 
 
-def test_int8_products_round_activation_ties_to_even_on_both_paths(ext, isa):
+def test_int8_products_round_activation_ties_to_even_on_both_paths(ext, product_isa):
     """With an identity weight, the product returns x as quantized: a block whose largest |x| is 127
     has step 1, so x = k + 0.5 must round to even (2.5 -> 2, 3.5 -> 4, -2.5 -> -2), as torch.round."""
     K = 70  # two full blocks and a 6-wide one
