@@ -2482,9 +2482,11 @@ def compile_model(model):
 
 
 @contextlib.contextmanager
-def signals_stop(stop):
-    """SIGINT and SIGTERM append to `stop` instead of killing: the loop finishes its step, saves, ends."""
-    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+def signals_stop(stop, signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within it these signals append to `stop` instead of killing or raising: the loop acts at a step's
+    end (train saves and ends; sample ends between tokens). A KeyboardInterrupt raised mid-op can be
+    cleared by C code that clears any error; an append cannot be lost."""
+    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in signals}
     try:
         yield
     finally:
@@ -3362,11 +3364,16 @@ def cmd_sample(args):
     stream = args.num_samples == 1 and not args.no_stream
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def on_token(next_id):  # print each token as it comes, whole UTF-8 characters only
-        token = next_id[0, 0].item()
-        if token != EOT_ID:
-            sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
-            sys.stdout.flush()
+    stop = []  # Ctrl-C while generating (signals_stop)
+
+    def on_token(next_id):
+        if stop:
+            raise KeyboardInterrupt
+        if stream:  # print each token as it comes, whole UTF-8 characters only
+            token = next_id[0, 0].item()
+            if token != EOT_ID:
+                sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
+                sys.stdout.flush()
 
     # sample i + 1 draws from seed + i, as --num_samples 1 --seed <seed + i> does (see README: a batch's
     # arithmetic may differ from one row's in the last bits, so its text can too)
@@ -3374,8 +3381,9 @@ def cmd_sample(args):
     generators = [torch.Generator(device=where).manual_seed(seed + i) for i in range(args.num_samples)]
     if stream:
         sys.stdout.write(prompt)
-    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id,
-                   generators, on_token if stream else None)
+    with signals_stop(stop, (signal.SIGINT,)):
+        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_id,
+                       generators, on_token)
     if stream:
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     else:

@@ -124,6 +124,32 @@ def test_ctrl_c_while_sampling_still_prints_the_seed(trained):
     assert proc.returncode == 130 and b"(seed 5)" in stderr
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_ctrl_c_is_not_lost_to_code_that_clears_errors(trained, monkeypatch, capsys, stream):
+    # C code that clears any pending error (PyErr_Clear after a failed lookup) would swallow a
+    # KeyboardInterrupt raised while it runs; sample's handler only sets a flag, acted on between tokens
+    import gpt
+    _, out, _ = trained
+    real, calls = gpt.sample_next_token, []
+
+    def clears_errors_on_the_third_token(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(10_000))  # the handler runs here
+            except KeyboardInterrupt:
+                pass
+        return real(*args)
+
+    monkeypatch.setattr(gpt, "sample_next_token", clears_errors_on_the_third_token)
+    more = [] if stream else ["--num_samples", "2"]
+    with pytest.raises(SystemExit) as exit_:
+        gpt.main(["sample", "--out_dir", str(out), "--max_new_tokens", "200", "--seed", "5", *more])
+    assert exit_.value.code == 130 and len(calls) == 3 and "gpt: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_several_samples_draw_from_one_seed_each(trained):
     # decoded together, sample i draws from seed + i (rows' numbers may differ from a lone row's in the
     # last bits, so only the draws are compared exactly: tests/test_generate.py)
