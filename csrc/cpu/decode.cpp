@@ -582,9 +582,9 @@ GPT_AVX2 inline float reduce_add8(__m256 v) {
 }
 
 // float32 or bf16: 16 weights per step (two vectors), the last K % 16 in a zero-padded copy. One row
-// of W by one of x (bf16 and int8 at batch 1, below) keeps two sums, one per vector: in one sum every
-// step would wait on the last (two FMAs, 8 cycles per 16 weights: ~22 GB/s of bf16 on two 2.8 GHz
-// cores, no faster than memory).
+// of W by one of x (bf16 at batch 1, below) keeps two sums, one per vector: in one sum each step
+// waits on the last (two dependent FMAs, 8 cycles, per 16 weights: by count at most ~22 GB/s of bf16
+// on two 2.8 GHz cores, no faster than their memory).
 template <class T, int R, int NB>
 GPT_AVX2 void dot_rows_avx2(const Matrix& m, int64_t n, const Rows& rows, float* s) {
   if constexpr (R * NB > 8) {
