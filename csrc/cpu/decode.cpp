@@ -823,8 +823,7 @@ struct DotTable {
   int rows_for_one_x;
 };
 
-// Read off the kernels dot_table picked: the rows' kernel (0 generic, 1 AVX2, 2 AVX-512 or, for
-// int8, AVX512-VNNI), plus 4 where it has an AMX product.
+// Which rows' kernel dot_table picked: 0 generic, 1 AVX2, 2 AVX-512 (for int8, AVX512-VNNI).
 template <class T>
 int64_t rows_path(const DotTable& t) {
   const DotRows picked = t.f[1][0];
@@ -1347,6 +1346,8 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scale) {
   return out;
 }
 
+// The products' paths for a kind of matrix (gpt.product_paths): the rows' kernel, plus 4 where it
+// has an AMX product.
 int64_t product_paths_cpu(const at::Tensor& weight) {
   const Kind kind = kind_of(weight, "product_paths");
   const DotTable& t = dot_table(kind, forced_isa());
